@@ -1,0 +1,186 @@
+"""Per-coordinate adaptive scaling: Adagrad, RMSprop and Adam, with torch.optim semantics.
+
+Each transformation returns the *direction* of the update; the learning rate
+and its sign are applied by :func:`optim_jax.transforms.scale_by_learning_rate`
+at the end of the chain (see :mod:`optim_jax.aliases`). The arithmetic runs in
+float32 or wider; the state keeps each parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim_jax import base, validation
+
+
+class AdagradState(NamedTuple):
+    sum_of_squares: base.Updates
+
+
+def scale_by_adagrad(
+    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> optax.GradientTransformation:
+    """Adagrad (Duchi et al. 2011) as torch.optim.Adagrad computes it.
+
+    .. math::
+        s_t = s_{t-1} + g_t^2, \\qquad u_t = g_t / (\\sqrt{s_t} + \\epsilon)
+
+    with ``s_0 = initial_accumulator_value``. Optax's ``scale_by_rss`` differs:
+    it puts ``eps`` inside the square root and starts the sum at 0.1.
+    """
+    validation.check_non_negative("initial_accumulator_value", initial_accumulator_value)
+    validation.check_non_negative("eps", eps)
+
+    def init_fn(params):
+        return AdagradState(
+            jax.tree.map(lambda p: base.full_like_param(p, initial_accumulator_value), params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def one(g, s):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            new_s = s.astype(g32.dtype) + g32 * g32
+            return (g32 / (jnp.sqrt(new_s) + eps)).astype(g.dtype), new_s.astype(s.dtype)
+
+        out, new_sum = base.tree_map_multi(one, 2, updates, state.sum_of_squares)
+        return out, AdagradState(new_sum)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class RmspropState(NamedTuple):
+    count: jax.Array
+    square_avg: base.Updates
+    grad_avg: base.Updates | None  # only with centered=True
+    momentum: base.Updates | None  # only with momentum > 0
+
+
+def scale_by_rmsprop(
+    decay: base.ScalarOrSchedule = 0.99,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> optax.GradientTransformation:
+    """RMSprop (Hinton 2012) as torch.optim.RMSprop computes it.
+
+    .. math::
+        v_t &= \\alpha v_{t-1} + (1-\\alpha) g_t^2 \\\\
+        \\bar g_t &= \\alpha \\bar g_{t-1} + (1-\\alpha) g_t \\quad\\text{(centered only)} \\\\
+        d_t &= \\sqrt{v_t - \\bar g_t^2} + \\epsilon \\text{ (centered) or } \\sqrt{v_t} + \\epsilon \\\\
+        b_t &= \\mu b_{t-1} + g_t / d_t, \\qquad u_t = b_t \\text{ (or } g_t/d_t
+            \\text{ when } \\mu = 0)
+
+    ``eps`` is added outside the square root as in torch; Optax's default puts
+    it inside (``eps_in_sqrt=True``) and uses ``decay=0.9``.
+    """
+    validation.check_beta("decay", decay)
+    validation.check_non_negative("eps", eps)
+    validation.check_beta("momentum", momentum)
+    use_momentum = callable(momentum) or float(momentum) != 0.0
+
+    def init_fn(params):
+        zeros = lambda: base.tree_zeros_like(params)  # noqa: E731
+        return RmspropState(
+            count=base.init_count(),
+            square_avg=zeros(),
+            grad_avg=zeros() if centered else None,
+            momentum=zeros() if use_momentum else None,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        alpha = base.resolve(decay, state.count)
+
+        def one(g, v, gbar, b):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            new_v = alpha * v.astype(g32.dtype) + (1 - alpha) * g32 * g32
+            if centered:
+                new_gbar = alpha * gbar.astype(g32.dtype) + (1 - alpha) * g32
+                denom = jnp.sqrt(new_v - new_gbar * new_gbar) + eps
+                new_gbar = new_gbar.astype(gbar.dtype)
+            else:
+                new_gbar = None
+                denom = jnp.sqrt(new_v) + eps
+            direction = g32 / denom
+            if use_momentum:
+                direction = momentum * b.astype(g32.dtype) + direction
+                new_b = direction.astype(b.dtype)
+            else:
+                new_b = None
+            return direction.astype(g.dtype), new_v.astype(v.dtype), new_gbar, new_b
+
+        none_tree = jax.tree.map(lambda _: None, updates)
+        grad_avg = state.grad_avg if centered else none_tree
+        buffers = state.momentum if use_momentum else none_tree
+        out, new_v, new_gbar, new_b = base.tree_map_multi(
+            one, 4, updates, state.square_avg, grad_avg, buffers
+        )
+        new_state = RmspropState(
+            count=base.increment_count(state.count),
+            square_avg=new_v,
+            grad_avg=new_gbar if centered else None,
+            momentum=new_b if use_momentum else None,
+        )
+        return out, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: base.Updates  # first moment m, one per parameter
+    nu: base.Updates  # second moment v, one per parameter
+
+
+def scale_by_adam(
+    b1: base.ScalarOrSchedule = 0.9,
+    b2: base.ScalarOrSchedule = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """Adam's direction (Kingma & Ba 2015) with torch.optim.Adam's eps placement.
+
+    .. math::
+        m_t &= \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\qquad
+        v_t = \\beta_2 v_{t-1} + (1-\\beta_2) g_t^2 \\\\
+        u_t &= \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}
+
+    ``t`` counts from 1. Identical to ``optax.scale_by_adam(eps_root=0)``.
+    Betas given as schedules are evaluated at ``t - 1`` and the bias
+    correction uses the current value, as Optax's ``inject_hyperparams`` does.
+    """
+    validation.check_beta("b1", b1)
+    validation.check_beta("b2", b2)
+    validation.check_non_negative("eps", eps)
+
+    def init_fn(params):
+        return AdamState(
+            count=base.init_count(),
+            mu=base.tree_zeros_like(params),
+            nu=base.tree_zeros_like(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        beta1 = base.resolve(b1, state.count)
+        beta2 = base.resolve(b2, state.count)
+        count = base.increment_count(state.count)
+        bias_correction1 = base.bias_correction(beta1, count)
+        bias_correction2 = base.bias_correction(beta2, count)
+
+        def one(g, m, v):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            new_m = beta1 * m.astype(g32.dtype) + (1 - beta1) * g32
+            new_v = beta2 * v.astype(g32.dtype) + (1 - beta2) * g32 * g32
+            direction = (new_m / bias_correction1) / (jnp.sqrt(new_v / bias_correction2) + eps)
+            return direction.astype(g.dtype), new_m.astype(m.dtype), new_v.astype(v.dtype)
+
+        out, new_mu, new_nu = base.tree_map_multi(one, 3, updates, state.mu, state.nu)
+        return out, AdamState(count=count, mu=new_mu, nu=new_nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
