@@ -23,6 +23,7 @@ by zero.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,10 @@ def assert_close(ours: Any, ref: Any, rtol: float, where: str, scale_ref: Any = 
         assert err <= rtol, f"{where}{jax.tree_util.keystr(path)}: rel err {err:.3g} > {rtol:g}"
 
 
+def _cast_tree(tree: Any, dtype) -> Any:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
 def _set_state(opt_state: Any, state_view: Callable[[Any], dict], values: dict, dtype) -> Any:
     """``opt_state`` with the buffers that ``state_view`` exposes replaced by ``values``.
 
@@ -125,7 +130,7 @@ def check_against_reference(
         teacher_forced = dtype == np.float32
         with jax.enable_x64(dtype == np.float64):
             tx = make_tx()
-            cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+            cast = functools.partial(_cast_tree, dtype=dtype)
             params = cast(params0)
             opt_state = tx.init(params)
 

@@ -72,7 +72,8 @@ def scale_by_rmsprop(
     .. math::
         v_t &= \\alpha v_{t-1} + (1-\\alpha) g_t^2 \\\\
         \\bar g_t &= \\alpha \\bar g_{t-1} + (1-\\alpha) g_t \\quad\\text{(centered only)} \\\\
-        d_t &= \\sqrt{v_t - \\bar g_t^2} + \\epsilon \\text{ (centered) or } \\sqrt{v_t} + \\epsilon \\\\
+        d_t &= \\sqrt{v_t - \\bar g_t^2} + \\epsilon \\text{ (centered), }
+            \\sqrt{v_t} + \\epsilon \\text{ (plain)} \\\\
         b_t &= \\mu b_{t-1} + g_t / d_t, \\qquad u_t = b_t \\text{ (or } g_t/d_t
             \\text{ when } \\mu = 0)
 
