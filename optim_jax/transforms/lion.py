@@ -1,0 +1,54 @@
+"""Lion's sign-of-interpolated-momentum direction (Chen et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+from optim_jax import base, validation
+
+
+class LionState(NamedTuple):
+    mu: base.Updates  # the momentum m, one buffer per parameter, in the parameter's dtype
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransformation:
+    """The Lion direction ("EvoLved Sign Momentum", Chen et al. 2023, Algorithm 2).
+
+    .. math::
+        c_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\qquad
+        u_t = \\operatorname{sign}(c_t), \\qquad
+        m_t = \\beta_2 m_{t-1} + (1-\\beta_2) g_t
+
+    with ``m_0 = 0`` and ``sign(0) = 0`` (a coordinate whose interpolation is
+    exactly zero does not move). The defaults ``b1 = 0.9, b2 = 0.99`` are the
+    paper's. The only state is ``m``: one buffer per parameter, in the
+    parameter's dtype (4 bytes per float32 parameter, half of Adam's), and no
+    step counter, so the betas are numbers rather than schedules. Equal to
+    ``optax.scale_by_lion`` (whose state also carries a counter) and to the
+    update of lucidrains' ``lion-pytorch``.
+    """
+    for name, value in (("b1", b1), ("b2", b2)):
+        if callable(value):
+            raise TypeError(f"{name} must be a number: scale_by_lion keeps no step counter")
+        validation.check_beta(name, value)
+
+    def init_fn(params):
+        return LionState(mu=base.tree_zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def one(g, m):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            m32 = m.astype(g32.dtype)
+            direction = jnp.sign(b1 * m32 + (1 - b1) * g32)
+            new_m = b2 * m32 + (1 - b2) * g32
+            return direction.astype(g.dtype), new_m.astype(m.dtype)
+
+        out, new_mu = base.tree_map_multi(one, 2, updates, state.mu)
+        return out, LionState(mu=new_mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
