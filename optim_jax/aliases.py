@@ -229,8 +229,8 @@ def lars(
 
 def lion(
     learning_rate: base.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
+    b1: base.ScalarOrSchedule = 0.9,
+    b2: base.ScalarOrSchedule = 0.99,
     weight_decay: base.ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:

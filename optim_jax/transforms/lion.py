@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -11,10 +12,13 @@ from optim_jax import base, validation
 
 
 class LionState(NamedTuple):
+    count: jax.Array  # updates applied so far (scheduled betas are read at this value)
     mu: base.Updates  # the momentum m, one buffer per parameter, in the parameter's dtype
 
 
-def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransformation:
+def scale_by_lion(
+    b1: base.ScalarOrSchedule = 0.9, b2: base.ScalarOrSchedule = 0.99
+) -> optax.GradientTransformation:
     """The Lion direction ("EvoLved Sign Momentum", Chen et al. 2023, Algorithm 2).
 
     .. math::
@@ -30,25 +34,25 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransforma
     ``optax.scale_by_lion`` (whose state also carries a counter) and to the
     update of lucidrains' ``lion-pytorch``.
     """
-    for name, value in (("b1", b1), ("b2", b2)):
-        if callable(value):
-            raise TypeError(f"{name} must be a number: scale_by_lion keeps no step counter")
-        validation.check_beta(name, value)
+    validation.check_beta("b1", b1)
+    validation.check_beta("b2", b2)
 
     def init_fn(params):
-        return LionState(mu=base.tree_zeros_like(params))
+        return LionState(count=base.init_count(), mu=base.tree_zeros_like(params))
 
     def update_fn(updates, state, params=None):
         del params
+        beta1 = base.resolve(b1, state.count)
+        beta2 = base.resolve(b2, state.count)
 
         def one(g, m):
             g32 = g.astype(base.compute_dtype(g.dtype))
             m32 = m.astype(g32.dtype)
-            direction = jnp.sign(b1 * m32 + (1 - b1) * g32)
-            new_m = b2 * m32 + (1 - b2) * g32
+            direction = jnp.sign(beta1 * m32 + (1 - beta1) * g32)
+            new_m = beta2 * m32 + (1 - beta2) * g32
             return direction.astype(g.dtype), new_m.astype(m.dtype)
 
         out, new_mu = base.tree_map_multi(one, 2, updates, state.mu)
-        return out, LionState(mu=new_mu)
+        return out, LionState(count=base.increment_count(state.count), mu=new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)

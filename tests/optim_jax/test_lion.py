@@ -88,7 +88,8 @@ def test_optax_default_weight_decay_differs_from_ours():
 def test_state_is_exactly_one_buffer_per_parameter(dtype):
     params = {k: jnp.asarray(v, dtype) for k, v in harness.random_params(3).items()}
     state = transforms.scale_by_lion().init(params)
-    leaves = jax.tree.leaves(state)
+    assert state.count.shape == ()  # the update counter, a scalar
+    leaves = jax.tree.leaves(state.mu)
     assert len(leaves) == len(params)
     for buffer, p in zip(leaves, jax.tree.leaves(params), strict=True):
         assert buffer.shape == p.shape and buffer.dtype == p.dtype
@@ -164,6 +165,11 @@ def test_bad_hyperparameters_raise_naming_the_argument(make, name):
         make()
 
 
-def test_scheduled_betas_are_rejected():
-    with pytest.raises(TypeError, match="b1"):
-        transforms.scale_by_lion(b1=constant(0.9))
+def test_scheduled_betas_are_read_at_the_update_count():
+    b1 = lambda step: 0.9 - 0.2 / (1.0 + step)  # noqa: E731
+    b2 = lambda step: 0.99 - 0.1 / (1.0 + step)  # noqa: E731
+    harness.check_against_reference(
+        lambda: optim_jax.lion(constant(1e-3), b1=b1, b2=b2),
+        *ref.paper(constant(1e-3), b1, b2),
+        lion_view,
+    )

@@ -21,16 +21,21 @@ def _decay(weight_decay, decay_mask, k):
 
 
 def paper(lr, b1, b2, weight_decay=0.0, decay_mask=None):
-    """(init, step) from Algorithm 2; ``decay_mask[k]`` False exempts leaf ``k`` from decay."""
+    """(init, step) from Algorithm 2; ``decay_mask[k]`` False exempts leaf ``k`` from decay.
+
+    ``b1`` and ``b2`` may be functions of the 0-based update index.
+    """
 
     def step(params, grads, state, t):
         new_params, new_m = {}, {}
+        beta1 = b1(t - 1) if callable(b1) else b1
+        beta2 = b2(t - 1) if callable(b2) else b2
         for k, x in params.items():
             g, m = grads[k], state["m"][k]
-            c = b1 * m + (1 - b1) * g
+            c = beta1 * m + (1 - beta1) * g
             wd = _decay(weight_decay, decay_mask, k)
             new_params[k] = x - lr(t - 1) * (np.sign(c) + wd * x)
-            new_m[k] = b2 * m + (1 - b2) * g
+            new_m[k] = beta2 * m + (1 - beta2) * g
         return new_params, {"m": new_m}
 
     return _init, step

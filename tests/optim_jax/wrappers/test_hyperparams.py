@@ -48,7 +48,7 @@ CASES = [
     ("adam", dict(b1=0.8)),
     ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     ("rmsprop", dict(centered=True)),
-    ("lion", dict(weight_decay=0.1)),
+    ("lion", dict(b1=0.9, b2=0.98, weight_decay=0.1)),
     ("lamb", dict(weight_decay=0.01)),
 ]
 
@@ -272,3 +272,9 @@ def test_with_nnx_optimizer():
     step(model, optimizer)
     np.testing.assert_allclose(kernel1 - np.asarray(model.kernel[...]), 0.5, rtol=1e-5)
     assert traces == 1
+
+
+def test_lion_betas_are_injected():
+    params = {"w": jnp.ones((2, 3))}
+    state = optim_jax.inject_hyperparams(optim_jax.lion)(1e-3, b1=0.9, b2=0.98).init(params)
+    assert {"b1", "b2"} <= set(state.hyperparams)
