@@ -16,6 +16,7 @@ Conventions used across the library:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
@@ -146,3 +147,13 @@ def find_state(opt_state: Any, state_type: type) -> Any:
     if len(found) != 1:
         raise ValueError(f"expected one {state_type.__name__} in the state, found {len(found)}")
     return found[0]
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A bool scalar: True iff no leaf of ``tree`` holds a NaN or an infinity.
+
+    One reduction per leaf combined with ``and``: on sharded arrays XLA turns it
+    into a small all-reduce; nothing is copied to the host.
+    """
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))

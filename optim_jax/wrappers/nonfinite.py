@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -28,16 +27,6 @@ class SkipNotFiniteState(NamedTuple):
     notfinite_count: jax.Array
     total_skipped: jax.Array
     last_step_finite: jax.Array
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """A bool scalar: True iff no leaf of ``tree`` holds a NaN or an infinity.
-
-    One reduction per leaf combined with ``and``: on sharded arrays XLA turns it
-    into a small all-reduce; nothing is copied to the host.
-    """
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
 
 
 def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -85,7 +74,7 @@ def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        finite = all_finite(updates)
+        finite = base.all_finite(updates)
 
         def step(inner_state):
             out, new_inner = inner.update(updates, inner_state, params, **extra_args)

@@ -154,7 +154,7 @@ def test_skip_inside_accumulation_drops_the_whole_step():
 
 
 def test_all_finite_and_counts_helper():
-    from optim_jax.wrappers.nonfinite import all_finite
+    from optim_jax.base import all_finite
 
     assert bool(all_finite({"a": jnp.ones(3), "b": jnp.zeros((2, 2))}))
     assert not bool(all_finite({"a": jnp.ones(3), "b": jnp.array([0.0, jnp.inf])}))

@@ -1,0 +1,238 @@
+"""Typed, frozen configuration: YAML file -> dataclasses, with ``key=value`` overrides.
+
+Every key is checked against the dataclass fields and every value against the
+field's type before anything runs, and errors name the dotted key
+(``optimizer.learning_rate``) and the file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but reading ``1e-3`` as a float as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, file or number at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "gpt"  # "gpt" or "mlp" (vision)
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    remat: bool = False
+
+
+# logical axis name -> mesh axis (None: replicated along that dimension)
+DEFAULT_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "kv": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device counts along the named axes (-1: all remaining devices) and sharding rules."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    num_devices: int = -1  # use the first N devices JAX sees; -1: all of them
+    rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    """Master weights and optimizer state stay float32; ``compute`` is the forward/backward."""
+
+    compute: str = "bfloat16"  # "float32", "bfloat16" or "float16"
+    loss_scale: str = "auto"  # "auto" (dynamic for float16, none otherwise), "dynamic", "none"
+    initial_scale: float = 2.0**15
+    growth_interval: int = 200  # finite steps before the scale doubles
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    learning_rate: float = 3e-3
+    schedule: str = "warmup_cosine_decay"  # or "constant", "one_cycle", ...
+    warmup_steps: int = 40
+    end_lr_fraction: float = 0.1
+    options: dict = dataclasses.field(default_factory=dict)  # extra optimizer kwargs
+    clip_norm: float | None = 1.0
+    decay_mask: bool = True  # no weight decay on biases, norm scales, embeddings
+    accumulation_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from; ``batch_size`` is the global batch of one micro-step."""
+
+    source: str = "embedded"  # "embedded", "text" (a UTF-8/bytes file), "tokens" (.npy), "shapes"
+    path: str | None = None
+    max_bytes: int = 2_000_000  # of the embedded corpus
+    eval_fraction: float = 0.1
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between asynchronous saves (and one at the end)
+    keep: int = 3  # the newest ``keep`` checkpoints are kept, plus the best by eval loss
+    keep_best: bool = True
+    resume: str = "auto"  # "auto" (resume when the workdir has one), "never", "require"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 400
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    spike_factor: float = 5.0  # warn when the grad norm exceeds this x its running median
+    distributed: str = "auto"  # "auto" (from the environment), "on", "off"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """``value`` if it fits the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key)
+        else:
+            kwargs[name] = _check_value(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"optimizer.learning_rate=1e-3"`` -> ``{"optimizer": {"learning_rate": 0.001}}``."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    try:
+        value = _yaml(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    nested: dict = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config of a YAML file (or the defaults) with ``key=value`` overrides applied."""
+    values: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            values = _yaml(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    try:
+        return _build(Config, values, "")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {path})" if path else str(err)) from None
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

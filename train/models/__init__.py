@@ -1,0 +1,1 @@
+"""Flax NNX models with parameters annotated by logical axis names (see train/mesh.py)."""

@@ -1,0 +1,149 @@
+"""A GPT-style decoder: pre-norm blocks, causal attention, GELU MLP, untied head.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
+``mlp``); ``train/mesh.py`` maps them onto the device mesh. Residual output
+projections start with standard deviation ``0.02 / sqrt(2 * n_layers)`` (GPT-2's
+scaled residual initialisation), every other kernel with 0.02.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+    return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, residual_std: float, rngs: nnx.Rngs):
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(
+                f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads})"
+            )
+        head_dim = cfg.d_model // cfg.n_heads
+        shape = (cfg.n_heads, head_dim)
+
+        def project_in():
+            return nnx.LinearGeneral(
+                cfg.d_model,
+                shape,
+                kernel_init=_init(INIT_STD, ("embed", "heads", "kv")),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("heads", "kv")),
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                rngs=rngs,
+            )
+
+        self.query, self.key, self.value = project_in(), project_in(), project_in()
+        self.out = nnx.LinearGeneral(
+            shape,
+            cfg.d_model,
+            axis=(-2, -1),
+            kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        # Softmax in float32 whatever the compute dtype: logits are promoted inside.
+        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.out(attended)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, residual_std: float, rngs: nnx.Rngs):
+        hidden = cfg.mlp_ratio * cfg.d_model
+        common = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.up = nnx.Linear(
+            cfg.d_model,
+            hidden,
+            kernel_init=_init(INIT_STD, ("embed", "mlp")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp",)),
+            **common,
+        )
+        self.down = nnx.Linear(
+            hidden,
+            cfg.d_model,
+            kernel_init=_init(residual_std, ("mlp", "embed")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
+            **common,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(nnx.gelu(self.up(x)))
+
+
+def _layer_norm(cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.d_model,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        residual_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = _layer_norm(cfg, dtype, rngs)
+        self.attn = CausalSelfAttention(cfg, dtype, residual_std, rngs)
+        self.mlp_norm = _layer_norm(cfg, dtype, rngs)
+        self.mlp = Mlp(cfg, dtype, residual_std, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.token_embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_init(INIT_STD, ("vocab", "embed")),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.position_embed = nnx.Embed(
+            cfg.seq_len,
+            cfg.d_model,
+            embedding_init=_init(INIT_STD, (None, "embed")),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = _layer_norm(cfg, dtype, rngs)
+        self.head = nnx.Linear(
+            cfg.d_model,
+            cfg.vocab_size,
+            use_bias=False,
+            kernel_init=_init(INIT_STD, ("embed", "vocab")),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [batch, seq]`` -> logits ``[batch, seq, vocab]`` in the compute dtype."""
+        positions = jnp.arange(tokens.shape[-1])
+        x = self.token_embed(tokens) + self.position_embed(positions)
+        for block in self.blocks:
+            x = nnx.remat(lambda b, h: b(h))(block, x) if self.cfg.remat else block(x)
+        return self.head(self.final_norm(x))

@@ -1,0 +1,129 @@
+"""The training and evaluation steps: pure functions, jitted once with explicit shardings.
+
+One step, as data: float32 master params -> model in the compute dtype (layers
+cast their float32 params) -> loss in float32, times the loss scale ->
+gradients (float32, since the params are) summed over micro-batches -> divided
+by scale x micro-batches -> finite check -> optimizer update -> new params and
+state, or the old ones when a gradient was not finite (skipped and counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import optim_jax
+from train import precision
+from train.config import PrecisionConfig
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32: optimizer updates applied (skipped steps included)
+    params: Any  # nnx.State of float32 master weights
+    opt_state: Any
+    loss_scale: precision.LossScale
+    skipped: jax.Array  # int32: steps skipped because a gradient was not finite
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean token cross-entropy, computed in float32 whatever the logits' dtype."""
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_fn(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return cross_entropy(model(batch["inputs"]), batch["targets"])
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    precision_cfg: PrecisionConfig,
+    accumulation_steps: int,
+    learning_rate: Callable[[jax.Array], jax.Array],
+    *,
+    hessian_seed: int | None = None,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure function ``(state, batch) -> (state, metrics)`` for ``jax.jit``.
+
+    ``batch`` holds ``[accumulation_steps, batch, ...]`` arrays: the micro-batches
+    are scanned inside the one jitted step, so the effective batch is
+    micro-batch x accumulation x data-parallel size.
+
+    With ``hessian_seed`` (Sophia), refresh steps also compute the
+    Gauss-Newton-Bartlett estimate of the Hessian diagonal on the first
+    micro-batch and pass it to the optimizer as ``hessian_diag``.
+    """
+
+    def logits_fn(params, inputs):
+        return nnx.merge(graphdef, params)(inputs)
+
+    def hessian_diag(state: TrainState, micro_batch: dict[str, jax.Array]) -> dict:
+        if hessian_seed is None:
+            return {}
+        key = jax.random.fold_in(jax.random.key(hessian_seed), state.step)
+        estimate = jax.lax.cond(
+            optim_jax.sophia_hessian_due(state.opt_state),
+            lambda: optim_jax.hessian.gauss_newton_bartlett_diag(
+                logits_fn, state.params, key, micro_batch["inputs"]
+            ),
+            lambda: optim_jax.hessian.zeros_like_estimate(state.params),
+        )
+        return {"hessian_diag": estimate}
+
+    def scaled_loss(params, micro_batch, scale):
+        loss = loss_fn(graphdef, params, micro_batch)
+        return loss * scale, loss
+
+    grad_fn = jax.grad(scaled_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        scale = state.loss_scale.scale
+
+        def accumulate(grad_sum, micro_batch):
+            grads, loss = grad_fn(state.params, micro_batch, scale)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
+        grads = jax.tree.map(lambda g: g / (scale * accumulation_steps), grad_sum)
+        grads_finite = optim_jax.base.all_finite(grads)
+        first_micro_batch = jax.tree.map(lambda x: x[0], batch)
+        updates, new_opt_state = tx.update(
+            grads, state.opt_state, state.params, **hessian_diag(state, first_micro_batch)
+        )
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(grads_finite, a, b), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(new_params, state.params),
+            opt_state=keep_if_finite(new_opt_state, state.opt_state),
+            loss_scale=precision.next_loss_scale(precision_cfg, state.loss_scale, grads_finite),
+            skipped=state.skipped + jnp.where(grads_finite, 0, 1).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": jnp.mean(losses),
+            "grad_norm": optim_jax.base.global_norm(grads),
+            "learning_rate": learning_rate(state.step),
+            "loss_scale": scale,
+            "finite": grads_finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        return loss_fn(graphdef, params, batch)
+
+    return eval_step
