@@ -1,0 +1,637 @@
+"""optim_jax optimizers side by side with their Optax counterparts, in one process and one run.
+
+Run ``python -m benchmarks.optimizers`` (``--help`` for the options). For each
+optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
+
+* **Step time**: the median wall time of one jitted step
+  ``updates, state = tx.update(grads, state, params); params = params + updates``
+  with ``params`` and ``state`` donated (updated in place), timed to
+  ``jax.block_until_ready``. Warm-up calls are excluded; the two libraries' steps
+  are interleaved (ours, Optax, Optax, ours, ...) so that load from other
+  processes hits both alike. Two float32 pytrees of about ``--size`` parameters:
+  ``transformer``, a 4-layer transformer-like tree of a few big matrices
+  (embedding, attention and MLP kernels, norms and biases: 51 leaves), and
+  ``split``, the same kind of tree with about the same size spread over
+  ``--leaves`` leaves (narrower, more layers).
+* **Bandwidth**: :data:`BYTE_MODELS` states, per optimizer, the bytes per
+  parameter that one step must move at the least; ``bytes x parameters / step
+  time`` is the achieved bandwidth, shown as a percentage of a copy ceiling
+  measured in the same run (the better of an in-place scale ``x <- c x``, 8 bytes
+  per element, and an in-place triad ``x <- x + c y``, 12 bytes per element, over
+  arrays as large as the pytree; measured before and after the step timings, the
+  larger is kept).
+* **Compile time** of the same step (trace, lowering and XLA compilation, on
+  abstract arguments: nothing is allocated) against the number of leaves
+  (``--compile-leaves``; the step-time pytrees add two more points).
+* **State bytes per parameter**: every leaf of the optimizer state, counters
+  included, over the number of parameters.
+
+The last column of the step table is the ratio of step times optim_jax / Optax
+(below 1: optim_jax is faster). Results go to stdout and, as JSON and Markdown,
+to ``--out`` (default ``benchmarks/results/``) under
+``optimizers_<device kind>_<date>_<time>.{json,md}``. The numbers are only
+comparable within one run: on a shared machine, read the ratios, and the load
+averages recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optim_jax
+
+F32 = 4  # bytes per float32 element
+LIBS = ("ours", "optax")
+DEFAULT_SIZE = 2**26  # 67,108,864 parameters ("64M")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Bytes one step must move per float32 parameter, at the least: every parameter-sized
+# buffer read or written counts 4 bytes per pass over memory (p: parameters, g: gradients,
+# b, m, v: momentum / first / second moment). Small buffers (counters, norms, Adafactor's
+# row and column statistics) are left out.
+BYTE_MODELS: dict[str, tuple[int, str]] = {
+    "sgd_momentum": (5 * F32, "read p, g, b; write p, b"),
+    "adam": (7 * F32, "read p, g, m, v; write p, m, v"),
+    "adamw": (7 * F32, "read p, g, m, v; write p, m, v"),
+    # The trust ratio needs ||p|| and ||update|| over the whole leaf before p can be
+    # written, so two passes: the first reads p, g, m, v and writes m, v (and the norms),
+    # the second reads p, m, v again and writes p.
+    "lamb": (10 * F32, "pass 1: read p, g, m, v; write m, v. pass 2: read p, m, v; write p"),
+    "lion": (5 * F32, "read p, g, m; write p, m"),
+    # Factored second moment, no first moment: the row/column means of g^2 and RMS(p)
+    # need one pass, RMS(update) for the update clipping a second over g, the step a third.
+    "adafactor": (6 * F32, "pass 1: read g, p. pass 2: read g. pass 3: read p, g; write p"),
+    # The global norm needs a pass over g before AdamW's single pass can scale it.
+    "clip_adamw_cosine": (8 * F32, "pass 1: read g. pass 2: read p, g, m, v; write p, m, v"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One optimizer: optim_jax's and Optax's constructors for the same update rule."""
+
+    name: str
+    make_ours: Callable[[], optax.GradientTransformation]
+    make_optax: Callable[[], optax.GradientTransformation]
+
+    @property
+    def bytes_per_param(self) -> int:
+        return BYTE_MODELS[self.name][0]
+
+    def make(self, lib: str) -> optax.GradientTransformation:
+        return self.make_ours() if lib == "ours" else self.make_optax()
+
+
+# Learning-rate schedule of the chain: warm-up from 0 to 1e-3 over 100 updates, cosine
+# decay to 1e-5 at 10,000 (warm-up included); the two libraries' schedules agree.
+CHAIN_SCHEDULE = (0.0, 1e-3, 100, 10_000, 1e-5)
+
+# Hyperparameters chosen so that each pair computes the same update (checked by
+# tests/benchmarks/test_optimizers_benchmark.py): where the two libraries' defaults differ
+# (AdamW's and Lion's weight decay, Adafactor's factoring threshold) both are given.
+ENTRIES: tuple[Entry, ...] = (
+    Entry(
+        "sgd_momentum",
+        lambda: optim_jax.sgd(0.1, momentum=0.9),
+        lambda: optax.sgd(0.1, momentum=0.9),
+    ),
+    Entry("adam", lambda: optim_jax.adam(1e-3), lambda: optax.adam(1e-3)),
+    Entry(
+        "adamw",
+        lambda: optim_jax.adamw(1e-3, weight_decay=0.01),
+        lambda: optax.adamw(1e-3, weight_decay=0.01),
+    ),
+    Entry(
+        "lamb",
+        lambda: optim_jax.lamb(1e-3, weight_decay=0.01),
+        lambda: optax.lamb(1e-3, weight_decay=0.01),
+    ),
+    Entry(
+        "lion",
+        lambda: optim_jax.lion(1e-4, weight_decay=0.01),
+        lambda: optax.lion(1e-4, weight_decay=0.01),
+    ),
+    Entry(
+        "adafactor",
+        lambda: optim_jax.adafactor(1e-2, min_dim_size_to_factor=128),
+        lambda: optax.adafactor(1e-2, min_dim_size_to_factor=128),
+    ),
+    Entry(
+        "clip_adamw_cosine",
+        lambda: optax.chain(
+            optim_jax.clip_by_global_norm(1.0),
+            optim_jax.adamw(optim_jax.warmup_cosine_decay(*CHAIN_SCHEDULE), weight_decay=0.1),
+        ),
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(optax.warmup_cosine_decay_schedule(*CHAIN_SCHEDULE), weight_decay=0.1),
+        ),
+    ),
+)
+ENTRY_NAMES = tuple(entry.name for entry in ENTRIES)
+assert set(ENTRY_NAMES) == set(BYTE_MODELS)
+
+# ----------------------------------------------------------------------------- pytrees
+
+# Leaves of one pre-norm transformer layer: (path, shape in units of the model width d).
+LAYER_PATTERN: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("attn_norm/scale", (1,)),
+    ("attn_norm/bias", (1,)),
+    ("attn/qkv/kernel", (1, 3)),
+    ("attn/qkv/bias", (3,)),
+    ("attn/out/kernel", (1, 1)),
+    ("attn/out/bias", (1,)),
+    ("mlp_norm/scale", (1,)),
+    ("mlp_norm/bias", (1,)),
+    ("mlp/in/kernel", (1, 4)),
+    ("mlp/in/bias", (4,)),
+    ("mlp/out/kernel", (4, 1)),
+    ("mlp/out/bias", (1,)),
+)
+HEAD_PATTERN: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("final_norm/scale", (1,)),
+    ("final_norm/bias", (1,)),
+)
+TRANSFORMER_LAYERS = 4
+TRANSFORMER_LEAVES = 1 + len(HEAD_PATTERN) + TRANSFORMER_LAYERS * len(LAYER_PATTERN)  # 51
+EMBEDDING_SHARE = 0.2  # about this fraction of the parameters sits in the embedding
+MAX_WIDTH = 8192
+
+
+def _next_width(d: int) -> int:
+    return d + (8 if d < 256 else 64)
+
+
+def tree_shapes(size: int, n_leaves: int) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of a transformer-like pytree: ``n_leaves`` leaves, about ``size`` params.
+
+    The leaves are an embedding ``(vocab, d)``, the final norm, then the leaves of
+    :data:`LAYER_PATTERN` layer after layer (the last layer may be partial). The
+    width ``d`` is the largest (a multiple of 8, of 64 from 256 on) that leaves about
+    a fifth of ``size`` to the embedding, and ``vocab`` fills the rest. With very
+    many leaves for ``size``, ``d`` stays at 8 and the tree is larger than ``size``.
+    """
+    if n_leaves < 1 or size < 1:
+        raise ValueError(f"need n_leaves >= 1 and size >= 1, got {n_leaves} and {size}")
+    body = list(HEAD_PATTERN)
+    for k in range(n_leaves - 1 - len(HEAD_PATTERN)):
+        path, mult = LAYER_PATTERN[k % len(LAYER_PATTERN)]
+        body.append((f"layer_{k // len(LAYER_PATTERN):03d}/{path}", mult))
+    body = body[: n_leaves - 1]
+
+    def body_params(d: int) -> int:
+        return sum(math.prod(mult) * d ** len(mult) for _, mult in body)
+
+    budget = (1 - EMBEDDING_SHARE) * size
+    d = 8
+    while _next_width(d) <= MAX_WIDTH and body_params(_next_width(d)) <= budget:
+        d = _next_width(d)
+    vocab = max(1, (size - body_params(d)) // d)
+    shapes = {"embed/embedding": (vocab, d)}
+    shapes.update({path: tuple(m * d for m in mult) for path, mult in body})
+    return shapes
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def abstract_tree(shapes: dict[str, tuple[int, ...]]) -> Any:
+    return nest({path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in shapes.items()})
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], seed: int, scale: float) -> Any:
+    """Fresh device buffers of normal noise (the same values for the same seed)."""
+    key = jax.random.key(seed)
+    return nest(
+        {
+            path: scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+            for i, (path, shape) in enumerate(shapes.items())
+        }
+    )
+
+
+def num_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def make_step(tx: optax.GradientTransformation) -> Callable:
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, float, Any]:
+    """``(compiled step, seconds to trace + lower + compile, abstract state)``.
+
+    ``params`` may be abstract (``jax.ShapeDtypeStruct``) or concrete; a new
+    ``jax.jit`` object each time, so nothing comes from JAX's in-memory caches.
+    """
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = jax.eval_shape(tx.init, params)
+    start = time.perf_counter()
+    jitted = jax.jit(make_step(tx), donate_argnums=(0, 1))
+    compiled = jitted.lower(params, state, params).compile()
+    return compiled, time.perf_counter() - start, state
+
+
+class Loop:
+    """Calls ``carry = fn(*carry, *consts)`` and times each call to completion."""
+
+    def __init__(self, fn: Callable, carry: tuple, *consts: Any):
+        self.fn, self.carry, self.consts = fn, carry, consts
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        self.carry = self.fn(*self.carry, *self.consts)
+        jax.block_until_ready(self.carry)
+        return time.perf_counter() - start
+
+
+def time_interleaved(loops: dict[str, Loop], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per-call times of each loop; calls alternate between loops, order reversed every round."""
+    for _ in range(warmup):
+        for loop in loops.values():
+            loop()
+    samples: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            samples[name].append(loops[name]())
+    return samples
+
+
+def measure_ceiling(n: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Bandwidth (bytes/s) of in-place scale and triad kernels over ``n`` float32 elements."""
+    scale = jax.jit(lambda x, c: (x * c,), donate_argnums=0)
+    triad = jax.jit(lambda x, y, c: (x + c * y,), donate_argnums=0)
+    c = jnp.float32(1.0)  # an argument, so XLA cannot fold the multiplication away
+    y = jnp.full((n,), 1.0, jnp.float32)
+    loops = {
+        "scale": Loop(scale, (jnp.full((n,), 1.0, jnp.float32),), c),
+        "triad": Loop(triad, (jnp.full((n,), 1.0, jnp.float32),), y, c),
+    }
+    samples = time_interleaved(loops, warmup, repeats)
+    moved = {"scale": 2 * F32 * n, "triad": 3 * F32 * n}
+    return {name: moved[name] / statistics.median(ts) for name, ts in samples.items()}
+
+
+def bench_steps(
+    entry: Entry, shapes: dict[str, tuple[int, ...]], grads: Any, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Step times, compile times and state sizes of both libraries on one pytree."""
+    loops, compile_s, state_bytes = {}, {}, {}
+    for lib in LIBS:
+        tx = entry.make(lib)
+        params = random_tree(shapes, seed=0, scale=0.02)
+        compiled, compile_s[lib], abstract_state = compile_step(tx, params)
+        state_bytes[lib] = tree_bytes(abstract_state)
+        loops[lib] = Loop(compiled, (params, tx.init(params)), grads)
+    samples = time_interleaved(loops, warmup, repeats)
+    n = num_params(shapes)
+    return {
+        "optimizer": entry.name,
+        "leaves": len(shapes),
+        "params": n,
+        "bytes_per_param": entry.bytes_per_param,
+        "state_bytes_per_param": {lib: state_bytes[lib] / n for lib in LIBS},
+        "compile_s": compile_s,
+        "step_s": {lib: statistics.median(samples[lib]) for lib in LIBS},
+        "samples_s": samples,
+    }
+
+
+def bench_compile(entry: Entry, n_leaves: int, size: int) -> dict[str, float]:
+    abstract = abstract_tree(tree_shapes(size, n_leaves))
+    return {lib: compile_step(entry.make(lib), abstract)[1] for lib in LIBS}
+
+
+# ----------------------------------------------------------------------------- tables
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+STEP_COLUMNS: list[Column] = [
+    ("optimizer", lambda r: r["optimizer"]),
+    ("pytree", lambda r: f"{r['pytree']} ({r['leaves']} leaves)"),
+    ("model B/param", lambda r: str(r["bytes_per_param"])),
+    ("state B/param ours", lambda r: f"{r['state_bytes_per_param']['ours']:.2f}"),
+    ("state B/param optax", lambda r: f"{r['state_bytes_per_param']['optax']:.2f}"),
+    ("ours ms", lambda r: f"{1e3 * r['step_s']['ours']:.2f}"),
+    ("optax ms", lambda r: f"{1e3 * r['step_s']['optax']:.2f}"),
+    ("ours % ceiling", lambda r: f"{100 * r['fraction_of_ceiling']['ours']:.0f}"),
+    ("optax % ceiling", lambda r: f"{100 * r['fraction_of_ceiling']['optax']:.0f}"),
+    ("ratio ours/optax", lambda r: f"{r['ratio']:.2f}"),
+]
+
+COMPILE_COLUMNS: list[Column] = [
+    ("optimizer", lambda r: r["optimizer"]),
+    ("leaves", lambda r: str(r["leaves"])),
+    ("ours s", lambda r: f"{r['compile_s']['ours']:.2f}"),
+    ("optax s", lambda r: f"{r['compile_s']['optax']:.2f}"),
+    ("ratio ours/optax", lambda r: f"{r['ratio']:.2f}"),
+]
+
+
+def build_table(columns: Sequence[Column], records: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """``{"headers": [...], "rows": [[cell, ...], ...]}`` from column specs and records."""
+    return {
+        "headers": [header for header, _ in columns],
+        "rows": [[cell(record) for _, cell in columns] for record in records],
+    }
+
+
+def render(table: dict[str, list], markdown: bool = False) -> str:
+    """A table as aligned text (first column left-aligned, the rest right) or as Markdown."""
+    lines = [table["headers"], *table["rows"]]
+    if markdown:
+        rule = ["---"] + ["---:"] * (len(table["headers"]) - 1)
+        return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], rule, *lines[1:]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+
+    def fmt(line: list[str]) -> str:
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        return "  ".join(cells)
+
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    meta, ceiling = result["meta"], result["ceiling"]
+    gbs = lambda x: f"{x / 1e9:.1f} GB/s"  # noqa: E731
+    pytrees = ", ".join(f"{name} {n:,} params" for name, n in meta["pytree_params"].items())
+    return [
+        f"date: {meta['date']}",
+        f"command: {meta['command']}",
+        f"device: {meta['device_kind']} ({meta['platform']}, {meta['device_count']} device(s)); "
+        f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
+        f"load average start {meta['load_start']}, end {meta['load_end']}",
+        f"versions: jax {meta['jax']}, optax {meta['optax']}, python {meta['python']}",
+        f"pytrees: {pytrees}; float32; {meta['warmup']} warm-up calls, median of "
+        f"{meta['repeats']} timed calls",
+        f"copy ceiling: {gbs(ceiling['bytes_per_s'])} (scale {gbs(ceiling['start']['scale'])} / "
+        f"{gbs(ceiling['end']['scale'])}, triad {gbs(ceiling['start']['triad'])} / "
+        f"{gbs(ceiling['end']['triad'])}, before / after the step timings)",
+    ]
+
+
+def format_report(result: dict[str, Any], markdown: bool) -> str:
+    steps = render(result["tables"]["steps"], markdown)
+    compiles = render(result["tables"]["compile"], markdown)
+    if markdown:
+        byte_models = [f"| {n} | {b} | {d} |" for n, (b, d) in result["byte_models"].items()]
+        return "\n".join(
+            ["# optim_jax vs Optax: optimizer steps", ""]
+            + [f"- {line}" for line in summary_lines(result)]
+            + ["", "## Step time (ratio < 1: optim_jax faster)", "", steps]
+            + ["", "## Compile time (trace + lower + compile)", "", compiles]
+            + ["", "## Byte models", "", "| optimizer | B/param | accesses |", "|---|---:|---|"]
+            + byte_models
+            + [""]
+        )
+    return "\n".join(
+        summary_lines(result)
+        + ["", "Step time (ratio < 1: optim_jax faster)", steps]
+        + ["", "Compile time, seconds (trace + lower + compile)", compiles, ""]
+    )
+
+
+def output_stem(meta: dict[str, Any]) -> str:
+    kind = re.sub(r"[^a-z0-9]+", "-", meta["device_kind"].lower()).strip("-") or "device"
+    stamp = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d_%H%M%S")
+    return f"optimizers_{kind}_{stamp}"
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"leaf counts must be >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ENTRY_NAMES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer(s) {unknown}; choose from {', '.join(ENTRY_NAMES)}"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.optimizers",
+        description="optim_jax vs Optax: step time, bandwidth, compile time, state size.",
+    )
+    parser.add_argument("--size", type=_positive, default=DEFAULT_SIZE, help="parameters")
+    parser.add_argument("--leaves", type=_positive, default=1000, help="leaves of the split pytree")
+    parser.add_argument("--repeats", type=_positive, default=10, help="timed calls per step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument(
+        "--optimizers",
+        type=_names,
+        default=list(ENTRY_NAMES),
+        help=f"comma-separated subset of {','.join(ENTRY_NAMES)}",
+    )
+    parser.add_argument(
+        "--compile-leaves",
+        type=_int_list,
+        default=[10, 100, 1000, 3000],
+        help="leaf counts of the compile-time sweep (comma-separated; empty for none)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="leave out compile-sweep counts above 1000 (Optax takes minutes there on CPU)",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.quick:
+        args.compile_leaves = [n for n in args.compile_leaves if n <= 1000]
+    return args
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Runs every measurement and returns the result (records, tables, metadata)."""
+    entries = [entry for entry in ENTRIES if entry.name in args.optimizers]
+    meta = environment() | {
+        "command": command,
+        "load_start": _load(),
+        "size": args.size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    pytrees = {
+        "transformer": tree_shapes(args.size, TRANSFORMER_LEAVES),
+        "split": tree_shapes(args.size, args.leaves),
+    }
+    meta["pytree_params"] = {name: num_params(shapes) for name, shapes in pytrees.items()}
+    n_ceiling = max(meta["pytree_params"].values())
+
+    _progress("measuring the copy ceiling")
+    ceiling = {"start": measure_ceiling(n_ceiling, args.warmup, args.repeats)}
+
+    steps, compile_s = [], {}
+    for tree_name, shapes in pytrees.items():
+        grads = random_tree(shapes, seed=1, scale=1e-3)
+        for entry in entries:
+            _progress(f"step time: {entry.name} on {tree_name} ({len(shapes)} leaves)")
+            record = {"pytree": tree_name} | bench_steps(
+                entry, shapes, grads, args.warmup, args.repeats
+            )
+            steps.append(record)
+            compile_s[entry.name, len(shapes)] = record["compile_s"]
+        del grads
+
+    ceiling["end"] = measure_ceiling(n_ceiling, args.warmup, args.repeats)
+    ceiling["bytes_per_s"] = max(max(ceiling["start"].values()), max(ceiling["end"].values()))
+    for record in steps:
+        rates = {
+            lib: record["bytes_per_param"] * record["params"] / record["step_s"][lib]
+            for lib in LIBS
+        }
+        record["bandwidth_bytes_per_s"] = rates
+        record["fraction_of_ceiling"] = {lib: rates[lib] / ceiling["bytes_per_s"] for lib in LIBS}
+        record["ratio"] = record["step_s"]["ours"] / record["step_s"]["optax"]
+
+    for entry in entries:
+        for n in args.compile_leaves:
+            if (entry.name, n) not in compile_s:
+                _progress(f"compile time: {entry.name} at {n} leaves")
+                compile_s[entry.name, n] = bench_compile(entry, n, args.size)
+    compiles = [
+        {"optimizer": name, "leaves": n, "compile_s": s, "ratio": s["ours"] / s["optax"]}
+        for (name, n), s in sorted(
+            compile_s.items(), key=lambda kv: (ENTRY_NAMES.index(kv[0][0]), kv[0][1])
+        )
+    ]
+    meta["load_end"] = _load()
+    return {
+        "meta": meta,
+        "byte_models": {entry.name: BYTE_MODELS[entry.name] for entry in entries},
+        "ceiling": ceiling,
+        "steps": steps,
+        "compile": compiles,
+        "tables": {
+            "steps": build_table(STEP_COLUMNS, steps),
+            "compile": build_table(COMPILE_COLUMNS, compiles),
+        },
+    }
+
+
+def write_results(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(result["meta"])
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(format_report(result, markdown=True))
+    return json_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Compile times must not come from a persistent compilation cache.
+    jax.config.update("jax_enable_compilation_cache", False)
+    result = run(args, " ".join(["python -m benchmarks.optimizers", *argv]))
+    print(format_report(result, markdown=False), flush=True)
+    for path in write_results(result, args.out):
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
