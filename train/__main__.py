@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (config_lib.ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    per = "token" if summary["unit"] == "tokens" else "example"
     print(
         f"train loss {summary['first_train_loss']:.4f} -> {summary['last_train_loss']:.4f}, "
         f"eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} "
-        f"(nats/token) after {summary['steps']} steps; "
+        f"(nats/{per}), eval accuracy {summary['initial_eval_accuracy']:.4f} -> "
+        f"{summary['final_eval_accuracy']:.4f} after {summary['steps']} steps; "
         f"{summary['skipped_steps']} non-finite steps skipped; outputs in {workdir}"
     )
     return summary

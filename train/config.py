@@ -42,14 +42,22 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "gpt"  # "gpt" or "mlp" (vision)
+    """``kind``: ``gpt`` (train/models/gpt.py) or the image classifiers ``cnn`` and ``mlp``
+    (train/models/vision.py)."""
+
+    kind: str = "gpt"
     vocab_size: int = 256
     seq_len: int = 128
     d_model: int = 128
-    n_layers: int = 4
+    n_layers: int = 4  # gpt: blocks; cnn: conv stages (each halves the image); mlp: hidden layers
     n_heads: int = 4
     mlp_ratio: int = 4
     remat: bool = False
+    # Image classifiers (cnn, mlp) on data.source=shapes:
+    image_size: int = 16  # height and width of the square images
+    num_classes: int = 4
+    channels: int = 32  # cnn: channels of the first stage, doubled at each further stage
+    hidden: int = 128  # width of the dense hidden layer(s)
 
 
 # logical axis name -> mesh axis (None: replicated along that dimension)
@@ -93,6 +101,15 @@ class OptimizerConfig:
     options: dict = dataclasses.field(default_factory=dict)  # extra optimizer kwargs
     clip_norm: float | None = 1.0
     decay_mask: bool = True  # no weight decay on biases, norm scales, embeddings
+    # With schedule one_cycle: cycle the optimizer's ``momentum`` (or ``b1``) inversely to the
+    # learning rate, max -> base while it rises, back to max while it falls (torch OneCycleLR).
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    # Parameter groups, torch-style: {path prefix: {option overrides, or lr_scale}}; a
+    # parameter joins the first group whose prefix starts its path ("blocks/0/mlp"),
+    # others keep the defaults. A group set to null is frozen.
+    groups: dict = dataclasses.field(default_factory=dict)
     accumulation_steps: int = 1
 
 

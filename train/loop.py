@@ -23,9 +23,22 @@ from train import data, metrics, precision
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, abstract_state
 from train.config import Config, ConfigError, to_dict
+from train.models import vision
 from train.models.gpt import GPT
-from train.optimizer import make_optimizer, make_schedule
-from train.step import TrainState, make_eval_step, make_train_step
+from train.optimizer import make_momentum_schedule, make_optimizer, make_schedule
+from train.step import (
+    CLASSIFICATION,
+    LANGUAGE_MODELING,
+    Task,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
+
+# Where the batch (row) axis of a batch's arrays is: train batches carry a leading
+# [accumulation_steps] axis ([micro, batch, ...]), evaluation batches do not ([batch, ...]).
+TRAIN_BATCH_AXIS = 1
+EVAL_BATCH_AXIS = 0
 
 
 @dataclasses.dataclass
@@ -39,31 +52,118 @@ class Setup:
     state_shardings: Any
     batch_sharding: NamedSharding
     train_step: Any  # jitted (state, batch) -> (state, metrics)
-    eval_step: Any  # jitted (params, batch) -> loss
-    batches: data.Batches
-    eval_batches: data.EvalBatches
-    n_params: int  # matmul parameters (embedding lookups excluded), for model FLOPs
+    eval_step: Any  # jitted (params, batch) -> {"loss", "accuracy"}
+    batches: data.Batches | data.ImageBatches
+    eval_batches: data.EvalBatches | data.ImageEvalBatches
+    n_params: int  # gpt: matmul parameters (embedding lookups excluded); images: all
+    task: Task  # which batch entries the model reads and predicts
+    units_per_row: int  # throughput units (task.unit) in one batch row: seq_len tokens, 1 image
+    flops_per_unit: float  # training model FLOPs per token (gpt) or per image
+
+
+def _check_model_and_data(cfg: Config) -> None:
+    kind, source = cfg.model.kind, cfg.data.source
+    if kind == "gpt":
+        if source not in data.TOKEN_SOURCES:
+            raise ConfigError(
+                f"model.kind='gpt' needs a token data.source ({', '.join(data.TOKEN_SOURCES)}), "
+                f"got data.source={source!r}; the image classifiers are model.kind=cnn or mlp"
+            )
+    elif kind in vision.KINDS:
+        if source != "shapes":
+            raise ConfigError(
+                f"model.kind={kind!r} is an image classifier and needs data.source='shapes', "
+                f"got data.source={source!r}"
+            )
+        if not 2 <= cfg.model.num_classes <= len(data.SHAPE_NAMES):
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes}: the shapes dataset has 2 to "
+                f"{len(data.SHAPE_NAMES)} classes"
+            )
+        if cfg.model.image_size < 8:
+            raise ConfigError(f"model.image_size must be >= 8, got {cfg.model.image_size}")
+    else:
+        raise ConfigError(
+            f"model.kind must be one of {', '.join(('gpt', *vision.KINDS))}, got {kind!r}"
+        )
+
+
+def _token_loaders(cfg: Config, rows: tuple[int, int]) -> tuple[data.Batches, data.EvalBatches]:
+    tokens = data.load_tokens(cfg.data, cfg.model.seq_len)
+    data.check_vocab(tokens, cfg.model.vocab_size)
+    batches = data.Batches(
+        tokens.train,
+        cfg.model.seq_len,
+        cfg.data.batch_size,
+        cfg.run.seed,
+        micro_batches=cfg.optimizer.accumulation_steps,
+        rows=rows,
+    )
+    eval_batches = data.EvalBatches(
+        tokens.eval, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches, rows=rows
+    )
+    return batches, eval_batches
+
+
+def _image_loaders(
+    cfg: Config, rows: tuple[int, int]
+) -> tuple[data.ImageBatches, data.ImageEvalBatches]:
+    images = data.load_images(
+        cfg.data, image_size=cfg.model.image_size, num_classes=cfg.model.num_classes
+    )
+    batches = data.ImageBatches(
+        images.train_images,
+        images.train_labels,
+        cfg.data.batch_size,
+        cfg.run.seed,
+        micro_batches=cfg.optimizer.accumulation_steps,
+        rows=rows,
+    )
+    eval_batches = data.ImageEvalBatches(
+        images.eval_images,
+        images.eval_labels,
+        cfg.data.batch_size,
+        cfg.run.eval_batches,
+        rows=rows,
+    )
+    return batches, eval_batches
 
 
 def build(cfg: Config) -> Setup:
-    """Mesh, sharded model and optimizer state, jitted steps and loaders for ``cfg``."""
-    if cfg.model.kind != "gpt":
-        raise ConfigError(f"model.kind must be 'gpt', got {cfg.model.kind!r}")
+    """Mesh, sharded model and optimizer state, jitted steps and loaders for ``cfg``.
+
+    ``model.kind`` picks the model, the task and the loaders: ``gpt`` a language
+    model on a token source, ``cnn`` / ``mlp`` an image classifier on ``shapes``.
+    """
+    _check_model_and_data(cfg)
     mesh = mesh_lib.build_mesh(cfg.mesh)
     dp = mesh_lib.data_parallel_size(mesh)
     data.check_batch(cfg.data.batch_size, dp)
-    tokens = data.load_tokens(cfg.data, cfg.model.seq_len)
-    data.check_vocab(tokens, cfg.model.vocab_size)
+    eval_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+    rows = data.sharding_rows(eval_sharding, cfg.data.batch_size)
+    if cfg.model.kind == "gpt":
+        task, units_per_row = LANGUAGE_MODELING, cfg.model.seq_len
+        batches, eval_batches = _token_loaders(cfg, rows)
+    else:
+        task, units_per_row = CLASSIFICATION, 1
+        batches, eval_batches = _image_loaders(cfg, rows)
     compute = precision.compute_dtype(cfg.precision)
     rules = mesh_lib.rules_tuple(cfg.mesh.rules)
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = GPT(cfg.model, compute, nnx.Rngs(cfg.run.seed))
+        rngs = nnx.Rngs(cfg.run.seed)
+        if cfg.model.kind == "gpt":
+            model = GPT(cfg.model, compute, rngs)
+        else:
+            in_channels = batches.images.shape[-1]
+            model = vision.build(cfg.model, in_channels, compute, rngs)
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
 
     schedule = make_schedule(cfg.optimizer, cfg.run.steps)
-    tx = make_optimizer(cfg.optimizer, schedule)
+    tx = make_optimizer(
+        cfg.optimizer, schedule, make_momentum_schedule(cfg.optimizer, cfg.run.steps)
+    )
     with jax.set_mesh(mesh):
         opt_state = jax.jit(tx.init)(params)
     replicated = mesh_lib.replicated(mesh)
@@ -84,6 +184,7 @@ def build(cfg: Config) -> Setup:
         cfg.optimizer.accumulation_steps,
         schedule,
         hessian_seed=cfg.run.seed if cfg.optimizer.name == "sophia" else None,
+        task=task,
     )
     train_step = jax.jit(
         step_fn,
@@ -91,51 +192,53 @@ def build(cfg: Config) -> Setup:
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
     eval_step = jax.jit(
-        make_eval_step(graphdef),
+        make_eval_step(graphdef, task),
         in_shardings=(state_shardings.params, eval_sharding),
         out_shardings=replicated,
     )
-    rows = data.sharding_rows(eval_sharding, cfg.data.batch_size)
-    batches = data.Batches(
-        tokens.train,
-        cfg.model.seq_len,
-        cfg.data.batch_size,
-        cfg.run.seed,
-        micro_batches=cfg.optimizer.accumulation_steps,
-        rows=rows,
-    )
-    eval_batches = data.EvalBatches(
-        tokens.eval, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches, rows=rows
-    )
-    # Parameters in matrix multiplies (PaLM's model-FLOPs count): not the embedding lookups.
-    embeddings = (params["token_embed"], params["position_embed"])
-    n_params = sum(x.size for x in jax.tree.leaves(params)) - sum(
-        x.size for x in jax.tree.leaves(embeddings)
-    )
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    if cfg.model.kind == "gpt":
+        # Parameters in matrix multiplies (PaLM's model-FLOPs count): not the embedding lookups.
+        embeddings = (params["token_embed"], params["position_embed"])
+        n_params -= sum(x.size for x in jax.tree.leaves(embeddings))
+        flops_per_unit = metrics.model_flops_per_token(
+            n_params, cfg.model.n_layers, cfg.model.d_model, cfg.model.seq_len
+        )
+    else:
+        flops_per_unit = model.flops_per_example()
     return Setup(
-        cfg,
-        mesh,
-        graphdef,
-        state,
-        state_shardings,
-        batch_sharding,
-        train_step,
-        eval_step,
-        batches,
-        eval_batches,
-        n_params,
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        state=state,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        train_step=train_step,
+        eval_step=eval_step,
+        batches=batches,
+        eval_batches=eval_batches,
+        n_params=n_params,
+        task=task,
+        units_per_row=units_per_row,
+        flops_per_unit=flops_per_unit,
     )
 
 
-def global_batch(setup: Setup, local: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-    """This process's rows -> global ``jax.Array``s sharded over the batch axes."""
+def global_batch(
+    setup: Setup, local: dict[str, np.ndarray], sharding: NamedSharding, *, batch_axis: int
+) -> dict:
+    """This process's rows -> global ``jax.Array``s sharded over the batch axes.
+
+    ``batch_axis`` is where the rows are in every array of ``local``
+    (:data:`TRAIN_BATCH_AXIS` or :data:`EVAL_BATCH_AXIS`), whatever the arrays'
+    rank: ``[micro, batch, seq]`` tokens, ``[micro, batch, H, W, C]`` images,
+    ``[micro, batch]`` labels.
+    """
 
     def one(x):
         shape = list(x.shape)
-        axis = len(shape) - 2  # the batch axis: last but one ([micro, batch, seq] or [batch, seq])
-        shape[axis] = setup.cfg.data.batch_size
+        shape[batch_axis] = setup.cfg.data.batch_size
         return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
 
     return {k: one(v) for k, v in local.items()}
@@ -145,16 +248,23 @@ def train_batch(setup: Setup, step: int) -> dict:
     local = setup.batches.local_batch(step)
     if setup.cfg.optimizer.accumulation_steps == 1:
         local = {k: v[None] for k, v in local.items()}
-    return global_batch(setup, local, setup.batch_sharding)
+    return global_batch(setup, local, setup.batch_sharding, batch_axis=TRAIN_BATCH_AXIS)
+
+
+def eval_metrics(setup: Setup, params: Any) -> dict[str, float]:
+    """Mean loss and accuracy over the evaluation batches."""
+    sharding = NamedSharding(setup.mesh, P(mesh_lib.BATCH_AXES))
+    results = [
+        setup.eval_step(params, global_batch(setup, batch, sharding, batch_axis=EVAL_BATCH_AXIS))
+        for batch in setup.eval_batches
+    ]
+    results = jax.device_get(results)
+    return {key: float(np.mean([float(r[key]) for r in results])) for key in results[0]}
 
 
 def evaluate(setup: Setup, params: Any) -> float:
-    sharding = NamedSharding(setup.mesh, P(mesh_lib.BATCH_AXES))
-    losses = [
-        setup.eval_step(params, global_batch(setup, batch, sharding))
-        for batch in setup.eval_batches
-    ]
-    return float(np.mean([float(x) for x in losses]))
+    """The mean evaluation loss."""
+    return eval_metrics(setup, params)["loss"]
 
 
 class _Logger:
@@ -165,11 +275,11 @@ class _Logger:
         self.setup = setup
         self.writer = metrics.MetricsWriter(workdir, start_step=start_step, enabled=is_primary)
         self.monitor = metrics.GradNormMonitor(factor=cfg.run.spike_factor)
-        self.tokens_per_step = (
-            cfg.data.batch_size * cfg.optimizer.accumulation_steps * cfg.model.seq_len
-        )
-        self.flops_per_token = metrics.model_flops_per_token(
-            setup.n_params, cfg.model.n_layers, cfg.model.d_model, cfg.model.seq_len
+        # Throughput in the task's unit: tokens_per_second (gpt) or examples_per_second (images).
+        self.rate_key = f"{setup.task.unit}_per_second"
+        self.rate_label = f"{setup.task.unit}/s"  # in the progress bar
+        self.units_per_step = (
+            cfg.data.batch_size * cfg.optimizer.accumulation_steps * setup.units_per_row
         )
         self.peak = metrics.total_peak_flops(jax.devices(), precision.compute_dtype(cfg.precision))
         self.is_primary = is_primary
@@ -183,16 +293,17 @@ class _Logger:
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - self.window_start
         record["step_time"] = elapsed / self.window_steps
-        record["tokens_per_second"] = self.tokens_per_step * self.window_steps / elapsed
+        record[self.rate_key] = self.units_per_step * self.window_steps / elapsed
         record["skipped_steps"] = float(state.skipped)
-        utilisation = metrics.mfu(record["tokens_per_second"], self.flops_per_token, self.peak)
+        utilisation = metrics.mfu(record[self.rate_key], self.setup.flops_per_unit, self.peak)
         if utilisation is not None:
             record["mfu"] = utilisation
         warning = self.monitor.check(step, record["grad_norm"])
         if warning and self.is_primary:
             tqdm.write(warning)
         if evaluate_now:
-            record["eval_loss"] = evaluate(self.setup, state.params)
+            for key, value in eval_metrics(self.setup, state.params).items():
+                record[f"eval_{key}"] = value
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = record["loss"]
         self.writer.write(step, record)
@@ -227,8 +338,8 @@ def fit(
 
     is_primary = jax.process_index() == 0
     logger = _Logger(setup, workdir, start_step, is_primary)
-    initial_eval = evaluate(setup, state.params)
-    best_eval, evals_without_gain, stopped = initial_eval, 0, None
+    initial = eval_metrics(setup, state.params)
+    best_eval, evals_without_gain, stopped = initial["loss"], 0, None
     bar = tqdm(
         range(start_step, cfg.run.steps),
         initial=start_step,
@@ -250,7 +361,7 @@ def fit(
                 loss=f"{record['loss']:.3f}",
                 lr=f"{record['learning_rate']:.2e}",
                 grad_norm=f"{record['grad_norm']:.2f}",
-                tok_s=f"{record['tokens_per_second']:,.0f}",
+                **{logger.rate_label: f"{record[logger.rate_key]:,.0f}"},
             )
             eval_loss = record.get("eval_loss")
         if eval_loss is not None:
@@ -270,9 +381,13 @@ def fit(
     logger.writer.close()
     if is_primary:
         metrics.plot(workdir)
+    ending = eval_metrics(setup, state.params)
     return {
-        "initial_eval_loss": initial_eval,
-        "final_eval_loss": evaluate(setup, state.params),
+        "initial_eval_loss": initial["loss"],
+        "final_eval_loss": ending["loss"],
+        "initial_eval_accuracy": initial["accuracy"],
+        "final_eval_accuracy": ending["accuracy"],  # of the next token, for a language model
+        "unit": setup.task.unit,  # what the loss is per: "tokens" or "examples"
         "first_train_loss": logger.first_loss,
         "last_train_loss": logger.last_loss,
         "steps": int(state.step),

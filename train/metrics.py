@@ -67,7 +67,7 @@ LOSS_KEYS = ("loss", "train_loss")
 EVAL_LOSS_KEYS = ("eval_loss",)
 LR_KEYS = ("learning_rate", "lr")
 GRAD_NORM_KEYS = ("grad_norm",)
-THROUGHPUT_KEYS = ("tokens_per_second",)
+THROUGHPUT_KEYS = ("tokens_per_second", "examples_per_second")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +249,8 @@ def plot(workdir: str | pathlib.Path) -> pathlib.Path:
     """Draws ``<workdir>/metrics.png`` from ``metrics.jsonl`` and returns its path.
 
     Four panels against step: train and eval loss; learning rate; gradient norm (log scale);
-    tokens/s. A panel whose metric never appears (or is never finite) says "no ... logged"
-    instead of a curve.
+    tokens/s (or examples/s). A panel whose metric never appears (or is never finite) says
+    "no ... logged" instead of a curve.
     Raises FileNotFoundError when the workdir has no metrics file.
     """
     workdir = pathlib.Path(workdir)
@@ -295,12 +295,12 @@ def plot(workdir: str | pathlib.Path) -> pathlib.Path:
         no_data(gn_ax, "gradient norm")
     gn_ax.set_ylabel("gradient norm")
 
-    _, steps, values = _series(records, THROUGHPUT_KEYS)
+    tput_key, steps, values = _series(records, THROUGHPUT_KEYS)
     if steps:
         tput_ax.plot(steps, values, color="tab:purple")
     else:
         no_data(tput_ax, "throughput")
-    tput_ax.set_ylabel("tokens / s")
+    tput_ax.set_ylabel(tput_key.replace("_per_second", " / s"))
 
     for ax in axes[1]:
         ax.set_xlabel("step")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
+import jax
 import optax
 
 import optim_jax
@@ -52,29 +54,124 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optim_jax.Schedule:
         raise ConfigError(f"optimizer ({cfg.schedule}): {err}") from None
 
 
+def make_momentum_schedule(cfg: OptimizerConfig, total_steps: int) -> optim_jax.Schedule | None:
+    """With ``optimizer.cycle_momentum``, torch OneCycleLR's momentum cycle over ``total_steps``.
+
+    ``max_momentum -> base_momentum`` while the one-cycle learning rate rises,
+    back to ``max_momentum`` while it falls (:func:`optim_jax.one_cycle_momentum`,
+    on the phases of :func:`make_schedule`'s ``one_cycle``); None when off.
+    """
+    if not cfg.cycle_momentum:
+        return None
+    if cfg.schedule != "one_cycle":
+        raise ConfigError(
+            "optimizer.cycle_momentum needs optimizer.schedule=one_cycle (it cycles inversely "
+            f"to the one-cycle learning rate), got optimizer.schedule={cfg.schedule!r}"
+        )
+    try:
+        return optim_jax.one_cycle_momentum(total_steps, cfg.base_momentum, cfg.max_momentum)
+    except ValueError as err:
+        raise ConfigError(f"optimizer.base_momentum / optimizer.max_momentum: {err}") from None
+
+
+def _with_momentum(cfg: OptimizerConfig, momentum: optim_jax.Schedule) -> OptimizerConfig:
+    """``cfg`` whose options pass ``momentum`` as the optimizer's ``momentum`` (or ``b1``)."""
+    accepted = inspect.signature(OPTIMIZERS[cfg.name]).parameters
+    # Only a hyperparameter typed ScalarOrSchedule takes a schedule (rmsprop's momentum does not).
+    scheduled = [
+        k for k in ("momentum", "b1") if k in accepted and "Schedule" in str(accepted[k].annotation)
+    ]
+    if not scheduled:
+        raise ConfigError(
+            f"optimizer.cycle_momentum: {cfg.name} has no scheduled momentum (or b1) to cycle; "
+            "set optimizer.cycle_momentum=false"
+        )
+    key = scheduled[0]
+    if key in cfg.options:
+        raise ConfigError(
+            f"optimizer.options.{key} is set, but optimizer.cycle_momentum sets it from "
+            "optimizer.base_momentum and optimizer.max_momentum; drop one of them"
+        )
+    return dataclasses.replace(cfg, options={**cfg.options, key: momentum})
+
+
+def _checked_options(cfg: OptimizerConfig, options: dict, where: str) -> dict:
+    """``options`` for the named optimizer, each key checked against its signature."""
+    accepted = inspect.signature(OPTIMIZERS[cfg.name]).parameters
+    for key in options:
+        if key not in accepted or key == "learning_rate":
+            raise ConfigError(
+                f"{where}.{key}: {cfg.name} takes no such option "
+                f"(it takes: {', '.join(k for k in accepted if k != 'learning_rate')})"
+            )
+    options = dict(options)
+    if cfg.decay_mask and "mask" in accepted and "mask" not in options:
+        options["mask"] = optim_jax.decay_mask
+    return options
+
+
+def _build(cfg: OptimizerConfig, schedule: optim_jax.Schedule, options: dict, where: str):
+    try:
+        return OPTIMIZERS[cfg.name](schedule, **_checked_options(cfg, options, where))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where} ({cfg.name}): {err}") from None
+
+
+def _group_labels(prefixes: list[str]):
+    """A label function: each parameter's first matching path prefix, else ``"default"``."""
+
+    def label(path: str) -> str:
+        for prefix in prefixes:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return prefix
+        return "default"
+
+    return lambda params: jax.tree.map(label, optim_jax.param_paths(params))
+
+
+def _scaled(schedule: optim_jax.Schedule, factor: float) -> optim_jax.Schedule:
+    return lambda step: factor * schedule(step)
+
+
+def _grouped(cfg: OptimizerConfig, schedule: optim_jax.Schedule) -> optax.GradientTransformation:
+    groups: dict = {"default": _build(cfg, schedule, cfg.options, "optimizer.options")}
+    for prefix, spec in cfg.groups.items():
+        where = f"optimizer.groups.{prefix}"
+        if spec is None:
+            groups[prefix] = None
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping of options or null, got {spec!r}")
+        spec = dict(spec)
+        lr_scale = spec.pop("lr_scale", 1.0)
+        if not isinstance(lr_scale, int | float) or lr_scale < 0:
+            raise ConfigError(f"{where}.lr_scale must be a number >= 0, got {lr_scale!r}")
+        groups[prefix] = _build(cfg, _scaled(schedule, lr_scale), {**cfg.options, **spec}, where)
+    return optim_jax.param_groups(groups, _group_labels(list(cfg.groups)))
+
+
 def make_optimizer(
-    cfg: OptimizerConfig, schedule: optim_jax.Schedule
+    cfg: OptimizerConfig,
+    schedule: optim_jax.Schedule,
+    momentum: optim_jax.Schedule | None = None,
 ) -> optax.GradientTransformation:
-    """``clip_by_global_norm`` (if set) then the named optimizer with ``cfg.options``."""
+    """``clip_by_global_norm`` (if set), then the named optimizer: one, or one per group.
+
+    ``momentum``: the schedule of :func:`make_momentum_schedule`, required when
+    ``optimizer.cycle_momentum`` is on.
+    """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(
             f"optimizer.name: unknown optimizer {cfg.name!r} (known: {', '.join(OPTIMIZERS)})"
         )
-    factory = OPTIMIZERS[cfg.name]
-    accepted = inspect.signature(factory).parameters
-    for key in cfg.options:
-        if key not in accepted or key == "learning_rate":
-            raise ConfigError(
-                f"optimizer.options.{key}: {cfg.name} takes no such option "
-                f"(it takes: {', '.join(k for k in accepted if k != 'learning_rate')})"
-            )
-    options = dict(cfg.options)
-    if cfg.decay_mask and "mask" in accepted and "mask" not in options:
-        options["mask"] = optim_jax.decay_mask
-    try:
-        tx = factory(schedule, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"optimizer.options ({cfg.name}): {err}") from None
+    if cfg.cycle_momentum:
+        if momentum is None:
+            raise ValueError("optimizer.cycle_momentum is on: pass make_momentum_schedule(...)")
+        cfg = _with_momentum(cfg, momentum)
+    if cfg.groups:
+        tx = _grouped(cfg, schedule)
+    else:
+        tx = _build(cfg, schedule, cfg.options, "optimizer.options")
     if cfg.clip_norm is None:
         return tx
     if not cfg.clip_norm > 0:

@@ -9,6 +9,7 @@ state, or the old ones when a gradient was not finite (skipped and counted).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,15 +31,45 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # int32: steps skipped because a gradient was not finite
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Which batch entries a model reads and predicts: ``model(batch[inputs])`` gives logits
+    ``[..., classes]`` for the integer labels ``batch[targets]`` (same leading shape).
+
+    Chosen once when the run is built, so the jitted steps hold no branch on the data.
+    """
+
+    name: str
+    inputs: str
+    targets: str
+    unit: str  # what one target counts as, for throughput: "tokens", "examples"
+
+
+# Next-token prediction: inputs and targets [batch, seq] token ids (train.data.Batches).
+LANGUAGE_MODELING = Task("language_modeling", "inputs", "targets", "tokens")
+# Image classification: images [batch, H, W, C], labels [batch] (train.data.ImageBatches).
+CLASSIFICATION = Task("classification", "images", "labels", "examples")
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean token cross-entropy, computed in float32 whatever the logits' dtype."""
+    """Mean cross-entropy over every target, computed in float32 whatever the logits' dtype."""
     logits = logits.astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The fraction of targets whose logit is the largest (float32)."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) == targets, dtype=jnp.float32)
+
+
+def loss_fn(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batch: dict[str, jax.Array],
+    task: Task = LANGUAGE_MODELING,
+) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return cross_entropy(model(batch["inputs"]), batch["targets"])
+    return cross_entropy(model(batch[task.inputs]), batch[task.targets])
 
 
 def make_train_step(
@@ -49,6 +80,7 @@ def make_train_step(
     learning_rate: Callable[[jax.Array], jax.Array],
     *,
     hessian_seed: int | None = None,
+    task: Task = LANGUAGE_MODELING,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure function ``(state, batch) -> (state, metrics)`` for ``jax.jit``.
 
@@ -71,14 +103,14 @@ def make_train_step(
         estimate = jax.lax.cond(
             optim_jax.sophia_hessian_due(state.opt_state),
             lambda: optim_jax.hessian.gauss_newton_bartlett_diag(
-                logits_fn, state.params, key, micro_batch["inputs"]
+                logits_fn, state.params, key, micro_batch[task.inputs]
             ),
             lambda: optim_jax.hessian.zeros_like_estimate(state.params),
         )
         return {"hessian_diag": estimate}
 
     def scaled_loss(params, micro_batch, scale):
-        loss = loss_fn(graphdef, params, micro_batch)
+        loss = loss_fn(graphdef, params, micro_batch, task)
         return loss * scale, loss
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
@@ -90,11 +122,17 @@ def make_train_step(
             grads, loss = grad_fn(state.params, micro_batch, scale)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
+        first_micro_batch = jax.tree.map(lambda x: x[0], batch)
+        if accumulation_steps == 1:
+            # No loop for one micro-batch: XLA:CPU runs convolutions inside a while loop
+            # (which lax.scan always emits, even unrolled) about 30x slower.
+            grad_sum, loss = grad_fn(state.params, first_micro_batch, scale)
+            losses = loss[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
         grads = jax.tree.map(lambda g: g / (scale * accumulation_steps), grad_sum)
         grads_finite = optim_jax.base.all_finite(grads)
-        first_micro_batch = jax.tree.map(lambda x: x[0], batch)
         updates, new_opt_state = tx.update(
             grads, state.opt_state, state.params, **hessian_diag(state, first_micro_batch)
         )
@@ -122,8 +160,14 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
-    def eval_step(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        return loss_fn(graphdef, params, batch)
+def make_eval_step(
+    graphdef: nnx.GraphDef, task: Task = LANGUAGE_MODELING
+) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+    """``(params, batch) -> {"loss", "accuracy"}`` on one ``[batch, ...]`` evaluation batch."""
+
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = nnx.merge(graphdef, params)(batch[task.inputs])
+        targets = batch[task.targets]
+        return {"loss": cross_entropy(logits, targets), "accuracy": accuracy(logits, targets)}
 
     return eval_step

@@ -1,0 +1,80 @@
+"""The trainer's optimizer from config: names, options, schedules, parameter groups."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import config
+from train.optimizer import make_optimizer, make_schedule
+
+
+def build(*overrides, steps=100):
+    """The optimizer of the overrides, with a constant schedule unless they set one."""
+    cfg = config.load(None, ["optimizer.schedule=constant", *overrides]).optimizer
+    return make_optimizer(cfg, make_schedule(cfg, steps))
+
+
+PARAMS = {
+    "blocks": {"0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}},
+    "head": {"kernel": jnp.ones((4, 3))},
+    "token_embed": {"embedding": jnp.ones((5, 4))},
+}
+
+
+def first_update(tx):
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    return updates
+
+
+def test_parameter_groups_scale_the_learning_rate_and_freeze():
+    common = ["optimizer.options={weight_decay: 0.0}", "optimizer.clip_norm=null"]
+    plain = first_update(build(*common))
+    grouped = first_update(
+        build(*common, "optimizer.groups={head: {lr_scale: 0.1}, token_embed: null}")
+    )
+    assert np.all(np.abs(plain["head"]["kernel"]) > 1e-4)
+    np.testing.assert_allclose(grouped["head"]["kernel"], 0.1 * plain["head"]["kernel"], 1e-6)
+    np.testing.assert_array_equal(grouped["token_embed"]["embedding"], 0.0)
+    np.testing.assert_array_equal(grouped["blocks"]["0"]["kernel"], plain["blocks"]["0"]["kernel"])
+
+
+def test_group_options_override_the_defaults():
+    wd = first_update(build("optimizer.options={weight_decay: 0.5}", "optimizer.clip_norm=null"))
+    grouped = first_update(
+        build(
+            "optimizer.options={weight_decay: 0.5}",
+            "optimizer.clip_norm=null",
+            "optimizer.groups={blocks: {weight_decay: 0.0}}",
+        )
+    )
+    assert not np.allclose(wd["blocks"]["0"]["kernel"], grouped["blocks"]["0"]["kernel"])
+    np.testing.assert_array_equal(wd["head"]["kernel"], grouped["head"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["optimizer.name=adamx"], "optimizer.name"),
+        (["optimizer.options={momentun: 0.9}"], "optimizer.options.momentun"),
+        (["optimizer.name=sgd", "optimizer.options={b2: 0.9}"], "optimizer.options.b2"),
+        (["optimizer.groups={head: {b3: 1}}"], "optimizer.groups.head.b3"),
+        (["optimizer.groups={head: {lr_scale: -1}}"], "optimizer.groups.head.lr_scale"),
+        (["optimizer.schedule=cosine"], "optimizer.schedule"),
+        (["optimizer.options={b1: 1.5}"], "b1"),
+        (["optimizer.clip_norm=-1"], "optimizer.clip_norm"),
+    ],
+)
+def test_bad_optimizer_config_names_the_key(overrides, named):
+    with pytest.raises(config.ConfigError, match=named.replace(".", r"\.")):
+        build(*overrides)
+
+
+def test_schedule_shapes_follow_the_config():
+    cfg = config.load(None, ["optimizer.learning_rate=1.0", "optimizer.warmup_steps=10"])
+    assert cfg.optimizer.schedule == "warmup_cosine_decay"
+    schedule = make_schedule(cfg.optimizer, 100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(100)) == pytest.approx(cfg.optimizer.end_lr_fraction)
