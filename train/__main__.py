@@ -40,6 +40,11 @@ def use_simulated_cpu_devices(count: int = 8) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
+def _fmt(value: float | None) -> str:
+    """A loss for the summary line; a resumed run that had nothing left to do logged none."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     use_simulated_cpu_devices()
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     per = "token" if summary["unit"] == "tokens" else "example"
     print(
-        f"train loss {summary['first_train_loss']:.4f} -> {summary['last_train_loss']:.4f}, "
+        f"train loss {_fmt(summary['first_train_loss'])} -> {_fmt(summary['last_train_loss'])}, "
         f"eval loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} "
         f"(nats/{per}), eval accuracy {summary['initial_eval_accuracy']:.4f} -> "
         f"{summary['final_eval_accuracy']:.4f} after {summary['steps']} steps; "

@@ -246,9 +246,40 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> C
     for text in overrides:
         values = _merge(values, parse_override(text))
     try:
-        return _build(Config, values, "")
+        config = _build(Config, values, "")
+        _check_ranges(config)
+        return config
     except ConfigError as err:
         raise ConfigError(f"{err} (in {path})" if path else str(err)) from None
+
+
+# (dotted key, smallest allowed value): counts and cadences whose zero or negative values
+# would fail deep inside a run (division by zero, a stop at the first evaluation).
+_MINIMUMS = (
+    ("run.steps", 1),
+    ("run.log_every", 1),
+    ("run.eval_every", 1),
+    ("run.eval_batches", 1),
+    ("run.patience", 0),
+    ("precision.growth_interval", 1),
+    ("optimizer.warmup_steps", 0),
+    ("optimizer.accumulation_steps", 1),
+    ("data.batch_size", 1),
+    ("model.n_layers", 1),
+    ("model.n_heads", 1),
+    ("model.d_model", 1),
+    ("model.seq_len", 1),
+)
+
+
+def _check_ranges(config: Config) -> None:
+    for key, minimum in _MINIMUMS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    if not config.run.spike_factor > 1:
+        raise ConfigError(f"run.spike_factor must be > 1, got {config.run.spike_factor}")
 
 
 def to_dict(config: Config) -> dict:

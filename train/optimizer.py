@@ -31,7 +31,13 @@ OPTIMIZERS = {
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optim_jax.Schedule:
     """The learning-rate schedule named by ``optimizer.schedule`` over ``total_steps`` updates."""
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
-    warmup = min(cfg.warmup_steps, total_steps)
+    uses_warmup = cfg.schedule in ("warmup_cosine_decay", "warmup_linear_decay", "inverse_sqrt")
+    if uses_warmup and cfg.warmup_steps > total_steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={cfg.warmup_steps} is longer than the run "
+            f"(run.steps={total_steps})"
+        )
+    warmup = cfg.warmup_steps
     builders = {
         "constant": lambda: optim_jax.constant(peak),
         "cosine_decay": lambda: optim_jax.cosine_decay(peak, total_steps, end),

@@ -20,6 +20,9 @@ from train.config import ConfigError, PrecisionConfig
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+MAX_SCALE = 2.0**64  # far above any useful scale, far below float32's overflow
+
+
 class LossScale(NamedTuple):
     scale: jax.Array  # float32 scalar; 1 when scaling is off
     finite_steps: jax.Array  # int32: finite steps since the last change
@@ -53,8 +56,8 @@ def next_loss_scale(cfg: PrecisionConfig, state: LossScale, grads_finite: jax.Ar
     if not uses_dynamic_scale(cfg):
         return state
     grown = state.finite_steps + 1 >= cfg.growth_interval
-    scale = jnp.where(
-        grads_finite, jnp.where(grown, state.scale * 2.0, state.scale), state.scale / 2.0
-    )
+    # Doubling stops below float32's largest value: an infinite scale would skip every step.
+    doubled = jnp.minimum(state.scale * 2.0, MAX_SCALE)
+    scale = jnp.where(grads_finite, jnp.where(grown, doubled, state.scale), state.scale / 2.0)
     finite_steps = jnp.where(grads_finite & ~grown, state.finite_steps + 1, 0)
     return LossScale(jnp.maximum(scale, 1.0).astype(jnp.float32), finite_steps.astype(jnp.int32))

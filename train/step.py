@@ -151,7 +151,8 @@ def make_train_step(
         metrics = {
             "loss": jnp.mean(losses),
             "grad_norm": optim_jax.base.global_norm(grads),
-            "learning_rate": learning_rate(state.step),
+            # The optimizer's count advances only on applied updates, so does its schedule.
+            "learning_rate": learning_rate(state.step - state.skipped),
             "loss_scale": scale,
             "finite": grads_finite,
         }

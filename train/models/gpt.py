@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.config import ModelConfig
+from train.config import ConfigError, ModelConfig
 
 INIT_STD = 0.02
 
@@ -26,7 +26,7 @@ def _init(std: float, axes: tuple[str | None, ...]):
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, residual_std: float, rngs: nnx.Rngs):
         if cfg.d_model % cfg.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads})"
             )
         head_dim = cfg.d_model // cfg.n_heads
@@ -57,9 +57,15 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = self.query(x), self.key(x), self.value(x)
-        # Softmax in float32 whatever the compute dtype: logits are promoted inside.
-        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.out(attended)
+        # Attention logits and softmax in float32 whatever the compute dtype. Written out
+        # rather than jax.nn.dot_product_attention, whose float16 form XLA:CPU cannot compile.
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        logits = logits * q.shape[-1] ** -0.5
+        seq = x.shape[-2]
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return self.out(jnp.einsum("bnts,bsnh->btnh", probs, v))
 
 
 class Mlp(nnx.Module):
