@@ -155,12 +155,12 @@ def check_against_reference(
                     )
 
 
-def run_ours(
+def run_with_states(
     tx: optax.GradientTransformation, params0: dict, grad_seq: list, dtype=np.float64
-) -> list[dict]:
-    """The parameter trajectory of ``tx`` (jitted), as float64 NumPy dicts."""
+) -> list[tuple]:
+    """``(params, opt_state)`` after every jitted step of ``tx``, as host copies."""
     with jax.enable_x64(dtype == np.float64):
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params0)
+        params = _cast_tree(params0, dtype)
         opt_state = tx.init(params)
 
         @jax.jit
@@ -170,9 +170,19 @@ def run_ours(
 
         out = []
         for g in grad_seq:
-            params, opt_state = step(params, opt_state, jax.tree.map(jnp.asarray, g))
-            out.append(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+            params, opt_state = step(params, opt_state, _cast_tree(g, dtype))
+            out.append(jax.device_get((params, opt_state)))
         return out
+
+
+def run_ours(
+    tx: optax.GradientTransformation, params0: dict, grad_seq: list, dtype=np.float64
+) -> list[dict]:
+    """The parameter trajectory of ``tx`` (jitted), as float64 NumPy dicts."""
+    return [
+        jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+        for params, _ in run_with_states(tx, params0, grad_seq, dtype)
+    ]
 
 
 def run_torch(make_optimizer: Callable, params0: dict, grad_seq: list, scheduler=None) -> list:

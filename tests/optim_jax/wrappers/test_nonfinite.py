@@ -29,24 +29,6 @@ def poisoned_grads(seed=0, steps=STEPS, bad=BAD_STEPS):
     return grads
 
 
-def run_with_states(tx, params, grad_seq, dtype=np.float32):
-    """(params, opt_state) after every jitted step, as host copies."""
-    with jax.enable_x64(dtype == np.float64):
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        state = tx.init(params)
-
-        @jax.jit
-        def step(params, state, grads):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
-        out = []
-        for g in grad_seq:
-            params, state = step(params, state, jax.tree.map(lambda x: jnp.asarray(x, dtype), g))
-            out.append(jax.device_get((params, state)))
-        return out
-
-
 def assert_bitwise_equal(a, b, what):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype, what
@@ -59,7 +41,7 @@ def assert_bitwise_equal(a, b, what):
 def test_skipped_steps_leave_params_and_state_bitwise_unchanged(make):
     params0 = harness.random_params(0)
     grads = poisoned_grads()
-    history = run_with_states(optim_jax.skip_not_finite(make()), params0, grads)
+    history = harness.run_with_states(optim_jax.skip_not_finite(make()), params0, grads, np.float32)
     assert 0 not in BAD_STEPS
     consecutive, total = 0, 0
     for t, (params, state) in enumerate(history):
@@ -84,7 +66,7 @@ def test_finite_steps_follow_the_plain_optimizer():
     finite = [g for t, g in enumerate(grads) if t not in BAD_STEPS]
     ours = [
         p
-        for p, _ in run_with_states(
+        for p, _ in harness.run_with_states(
             optim_jax.skip_not_finite(optim_jax.adam(0.05)), params0, grads, np.float64
         )
     ]
@@ -92,7 +74,8 @@ def test_finite_steps_follow_the_plain_optimizer():
     plain = harness.run_ours(optim_jax.adam(0.05), params0, finite)
     harness.assert_trajectories_close(ours, plain, 1e-13, "skip vs plain")
     # The inner count only counts the applied steps.
-    state = run_with_states(optim_jax.skip_not_finite(optim_jax.adam(0.05)), params0, grads)[-1][1]
+    tx = optim_jax.skip_not_finite(optim_jax.adam(0.05))
+    state = harness.run_with_states(tx, params0, grads, np.float32)[-1][1]
     assert int(base.find_state(state, transforms.AdamState).count) == len(finite)
 
 
@@ -111,7 +94,7 @@ def test_inside_chain_after_clipping():
     )
     params0 = harness.random_params(3)
     grads = poisoned_grads(3, steps=5, bad={1: ("vector", np.inf), 3: ("matrix", np.nan)})
-    history = run_with_states(tx, params0, grads)
+    history = harness.run_with_states(tx, params0, grads, np.float32)
     assert_bitwise_equal(history[1][0], history[0][0], "params after inf")
     assert_bitwise_equal(history[3][0], history[2][0], "params after nan")
     assert not np.array_equal(history[2][0]["matrix"], history[1][0]["matrix"])
@@ -139,7 +122,7 @@ def test_skip_inside_accumulation_drops_the_whole_step():
     params0 = harness.random_params(5)
     grads = poisoned_grads(5, steps=6, bad={2: ("vector", np.nan)})
     tx = optim_jax.accumulate_gradients(optim_jax.skip_not_finite(optim_jax.adam(0.05)), k)
-    ours = run_with_states(tx, params0, grads, np.float64)
+    ours = harness.run_with_states(tx, params0, grads, np.float64)
     # The group {2, 3} is dropped; the sum is cleared, so group {4, 5} is clean.
     assert_bitwise_equal(ours[3][0], ours[1][0], "dropped group")
     means = [{n: (grads[i][n] + grads[i + 1][n]) / 2 for n in grads[0]} for i in (0, 4)]
