@@ -268,3 +268,11 @@ def test_state_is_sharded_like_the_params(name, axis_type):
         assert mirrors or CASES[name].state_bytes_per_param < 1
         for leaf in mirrors:
             check(leaf)
+
+
+def test_the_sharding_check_catches_a_replicated_state(monkeypatch):
+    """The check above fails for optax.adam, whose jitted init replicates the moments on an
+    Auto mesh (the README's claim; if Optax changes this, update the README)."""
+    monkeypatch.setitem(CASES, "optax_adam", Case(lambda lr: optax.adam(lr), 8, 0, 0, 0))
+    with pytest.raises(AssertionError):
+        test_state_is_sharded_like_the_params("optax_adam", AxisType.Auto)
