@@ -150,7 +150,7 @@ def make_train_step(
         )
         metrics = {
             "loss": jnp.mean(losses),
-            "grad_norm": optim_jax.base.global_norm(grads),
+            "grad_norm": _grad_norm(grads, new_opt_state),
             # The optimizer's count advances only on applied updates, so does its schedule.
             "learning_rate": learning_rate(state.step - state.skipped),
             "loss_scale": scale,
@@ -159,6 +159,15 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _grad_norm(grads: Any, opt_state: Any) -> jax.Array:
+    """The gradients' global norm: read from the clipping state when the optimizer has one
+    (it already took the norm of exactly these gradients), so the step takes it once."""
+    clip_states = optim_jax.base.find_states(opt_state, optim_jax.ClipState)
+    if clip_states:
+        return clip_states[0].pre_clip_norm
+    return optim_jax.base.global_norm(grads)
 
 
 def make_eval_step(
