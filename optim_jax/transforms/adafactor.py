@@ -99,7 +99,10 @@ def _precondition(g, v_row, v_col, v, beta2, mix, eps1) -> tuple:
         new_row = beta2 * v_row.astype(g.dtype) + mix * jnp.mean(sq, axis=-1)
         new_col = beta2 * v_col.astype(g.dtype) + mix * jnp.mean(sq, axis=-2)
         # v_hat = new_row[:, None] * new_col[None, :] / mean(new_row), per trailing matrix.
-        row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row, axis=-1, keepdims=True))
+        # The ratio new_row / mean(new_row) is never formed: for an all-zero row
+        # (eps1 = 1e-30) beside rows of g ~ 1e4 it is below float32's smallest
+        # normal, XLA flushes it to 0, and rsqrt(0) * 0 would put NaN in the leaf.
+        row_factor = jax.lax.rsqrt(new_row) * jnp.sqrt(jnp.mean(new_row, axis=-1, keepdims=True))
         col_factor = jax.lax.rsqrt(new_col)
         u = g * row_factor[..., :, None] * col_factor[..., None, :]
         return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), None
