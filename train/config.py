@@ -8,6 +8,7 @@ field's type before anything runs, and errors name the dotted key
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import re
 import types
@@ -36,8 +37,32 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed, or a ConfigError saying ``what`` is not valid YAML.
+
+    Besides ``yaml.YAMLError``, PyYAML's constructors let through ValueError
+    (``!!int x``, ``!!timestamp 2020-13-45``), AttributeError (``!!timestamp x``) and
+    RecursionError (deeply nested flow collections): all of them mean bad YAML.
+    """
+    try:
+        return _yaml(text)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as err:
+        reason = str(err) if isinstance(err, yaml.YAMLError) else f"{type(err).__name__}: {err}"
+        # PyYAML's messages span lines (a caret under the bad column); the CLI prints one line.
+        raise ConfigError(f"{what} is not valid YAML ({' '.join(reason.split())})") from None
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key, file or number at fault."""
+
+
+# Integers end up in int32 device arrays (step counters, seeds, sizes: JAX runs without x64)
+# and floats in float32 ones (learning rate, loss scale): values beyond those ranges would
+# overflow deep inside a run instead of failing here.
+INT_RANGE = (-(2**31), 2**31 - 1)
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+# Float keys where +inf is meaningful ("never"): a spike factor of inf never flags a spike.
+INFINITY_ALLOWED = ("run.spike_factor", "run.loss_spike_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +166,15 @@ class RunConfig:
     eval_batches: int = 4
     patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
     spike_factor: float = 5.0  # warn when the grad norm exceeds this x its running median
+    # A loss spike: a finite loss above ``loss_spike_factor`` x the median of the last
+    # ``spike_window`` losses. ``spike_policy``: "warn" (log it, keep the update), "skip"
+    # (discard that step's update, as for a non-finite gradient), "rollback" (return to the
+    # newest checkpoint and train on without the offending batch; at most ``max_rollbacks``
+    # times, then as "skip").
+    spike_policy: str = "warn"
+    loss_spike_factor: float = 2.0
+    spike_window: int = 32
+    max_rollbacks: int = 5
     distributed: str = "auto"  # "auto" (from the environment), "on", "off"
 
 
@@ -176,7 +210,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+        if math.isnan(value):
+            raise ConfigError(f"{key}: expected a number, got nan")
+        if abs(value) > FLOAT32_MAX and not (value == math.inf and key in INFINITY_ALLOWED):
+            raise ConfigError(f"{key}: {value!r} is beyond float32's range (+-{FLOAT32_MAX:.4g})")
+        return value
+    if tp is int and type(value) is int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        low, high = INT_RANGE
+        raise ConfigError(f"{key}: {value} does not fit in int32 ({low} .. {high})")
     if tp in (int, str, bool) and type(value) is tp:
         return value
     if tp is dict and isinstance(value, dict):
@@ -189,7 +231,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(fields))
+    # Sorted by repr: YAML keys may be ints, None or booleans, which do not sort with strings.
+    unknown = sorted((name for name in values if name not in fields), key=repr)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -220,10 +263,9 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key=value")
-    try:
-        value = _yaml(raw) if raw else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    if "" in key.split("."):
+        raise ConfigError(f"override {text!r}: key {key!r} has an empty part")
+    value = _parse_yaml(raw, f"override {text!r}: value") if raw else None
     nested: dict = value
     for part in reversed(key.split(".")):
         nested = {part: nested}
@@ -239,10 +281,16 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> C
             text = path.read_text()
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            values = _yaml(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({err})") from None
+        values = _parse_yaml(text, f"config file {path}")
+        if values is None:  # an empty file (or only comments): the defaults
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config: expected a mapping of sections (model:, optimizer:, ...), got "
+                f"{type(values).__name__} {values!r:.80} (in {path})"
+            )
     for text in overrides:
         values = _merge(values, parse_override(text))
     try:
@@ -253,6 +301,8 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> C
         raise ConfigError(f"{err} (in {path})" if path else str(err)) from None
 
 
+SPIKE_POLICIES = ("warn", "skip", "rollback")
+
 # (dotted key, smallest allowed value): counts and cadences whose zero or negative values
 # would fail deep inside a run (division by zero, a stop at the first evaluation).
 _MINIMUMS = (
@@ -261,6 +311,10 @@ _MINIMUMS = (
     ("run.eval_every", 1),
     ("run.eval_batches", 1),
     ("run.patience", 0),
+    ("run.spike_window", 1),
+    ("run.max_rollbacks", 0),
+    ("checkpoint.every", 0),
+    ("checkpoint.keep", 1),
     ("precision.growth_interval", 1),
     ("optimizer.warmup_steps", 0),
     ("optimizer.accumulation_steps", 1),
@@ -269,6 +323,9 @@ _MINIMUMS = (
     ("model.n_heads", 1),
     ("model.d_model", 1),
     ("model.seq_len", 1),
+    ("model.vocab_size", 1),
+    ("model.mlp_ratio", 1),
+    ("data.max_bytes", 1),
 )
 
 
@@ -278,8 +335,15 @@ def _check_ranges(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         if value < minimum:
             raise ConfigError(f"{key} must be >= {minimum}, got {value}")
-    if not config.run.spike_factor > 1:
-        raise ConfigError(f"run.spike_factor must be > 1, got {config.run.spike_factor}")
+    for key in ("spike_factor", "loss_spike_factor"):
+        value = getattr(config.run, key)
+        if not value > 1:
+            raise ConfigError(f"run.{key} must be > 1, got {value}")
+    if config.run.spike_policy not in SPIKE_POLICIES:
+        raise ConfigError(
+            f"run.spike_policy must be one of {', '.join(SPIKE_POLICIES)}, "
+            f"got {config.run.spike_policy!r}"
+        )
 
 
 def to_dict(config: Config) -> dict:

@@ -528,6 +528,9 @@ class EvalBatches(_Windows, _FixedBatches):
 # Images: the procedural "shapes" dataset.
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+# Drawing 12,000 images of S x S pixels holds several float64 [n, S, S] arrays at once:
+# about 2-3 GB at S = 64; at S = 1000 the first one alone is 80 GB (a MemoryError).
+MAX_IMAGE_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -634,6 +637,11 @@ def load_images(
         )
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"model.image_size={image_size}: the shapes dataset is generated in memory "
+            f"({num_examples} images, float64 while drawn) and allows at most {MAX_IMAGE_SIZE}"
+        )
     num_eval = max(1, round(num_examples * cfg.eval_fraction))
     if num_eval >= num_examples:
         raise ConfigError(

@@ -12,10 +12,11 @@ import math
 
 import jax
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.config import ConfigError, MeshConfig
+from train.config import DEFAULT_RULES, ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
@@ -59,10 +60,55 @@ def build_mesh(cfg: MeshConfig) -> Mesh:
 
 
 def rules_tuple(rules: dict[str, str | None]) -> tuple[tuple[str, str | None], ...]:
+    """``mesh.rules`` as flax's rules: the given ones over the defaults.
+
+    A partial mapping (say from the override ``mesh.rules.embed=null``) changes only the
+    axes it names; a logical axis the models do not have is refused.
+    """
+    logical = tuple(DEFAULT_RULES)
     for name, axis in rules.items():
+        if name not in logical:
+            raise ConfigError(
+                f"mesh.rules.{name}: unknown logical axis {name!r} (logical axes: "
+                f"{', '.join(logical)})"
+            )
         if axis is not None and axis not in AXES:
             raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {axis!r} (axes: {AXES})")
-    return tuple(rules.items())
+    return tuple({**DEFAULT_RULES, **rules}.items())
+
+
+def check_model_fits(dims: list[tuple[str, int, str]], together: list[tuple[str, ...]]) -> None:
+    """Refuses a model whose parameters the current mesh and rules cannot shard.
+
+    Call it in a model's constructor, where ``jax.set_mesh`` and
+    ``nnx.logical_axis_rules`` are in effect (outside them it checks nothing):
+    ``dims`` lists ``(logical axis, size, what sets the size)`` for the parameter
+    dimensions, ``together`` the logical axes that share one parameter. Without this
+    check JAX fails inside parameter creation with an IndivisibleError or a
+    DuplicateSpecError that names neither the config key nor the value at fault.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return
+    rules = dict(rules)
+    for axes in together:
+        mapped = [(name, rules[name]) for name in axes if rules.get(name) is not None]
+        for i, (name, axis) in enumerate(mapped):
+            for other, other_axis in mapped[i + 1 :]:
+                if axis == other_axis:
+                    raise ConfigError(
+                        f"mesh.rules.{name} and mesh.rules.{other} are both {axis!r}, but one "
+                        f"parameter has both axes and can be split only once over a mesh axis"
+                    )
+    for name, size, source in dims:
+        axis = rules.get(name)
+        if axis is not None and size % mesh.shape[axis]:
+            raise ConfigError(
+                f"mesh.{axis}={mesh.shape[axis]} does not divide {source}={size}, which "
+                f"mesh.rules.{name}={axis!r} splits over it; pick sizes that divide, or "
+                f"mesh.rules.{name}=null"
+            )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 
 import jax
 import optax
@@ -110,6 +111,13 @@ def _checked_options(cfg: OptimizerConfig, options: dict, where: str) -> dict:
                 f"{where}.{key}: {cfg.name} takes no such option "
                 f"(it takes: {', '.join(k for k in accepted if k != 'learning_rate')})"
             )
+    # A mask from YAML can only be a constant: true/false/null; a list or a mapping would
+    # fail as a pytree mismatch at the optimizer's init (optimizer.decay_mask sets the usual).
+    if "mask" in options and not isinstance(options["mask"], bool | None):
+        raise ConfigError(
+            f"{where}.mask must be true, false or null (optimizer.decay_mask sets the usual "
+            f"mask), got {options['mask']!r}"
+        )
     options = dict(options)
     if cfg.decay_mask and "mask" in accepted and "mask" not in options:
         options["mask"] = optim_jax.decay_mask
@@ -119,6 +127,8 @@ def _checked_options(cfg: OptimizerConfig, options: dict, where: str) -> dict:
 def _build(cfg: OptimizerConfig, schedule: optim_jax.Schedule, options: dict, where: str):
     try:
         return OPTIMIZERS[cfg.name](schedule, **_checked_options(cfg, options, where))
+    except ConfigError:
+        raise  # already names its key
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where} ({cfg.name}): {err}") from None
 
@@ -143,6 +153,10 @@ def _grouped(cfg: OptimizerConfig, schedule: optim_jax.Schedule) -> optax.Gradie
     groups: dict = {"default": _build(cfg, schedule, cfg.options, "optimizer.options")}
     for prefix, spec in cfg.groups.items():
         where = f"optimizer.groups.{prefix}"
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigError(
+                f"{where}: a group's key must be a parameter path prefix, got {prefix!r}"
+            )
         if spec is None:
             groups[prefix] = None
             continue
@@ -150,8 +164,9 @@ def _grouped(cfg: OptimizerConfig, schedule: optim_jax.Schedule) -> optax.Gradie
             raise ConfigError(f"{where}: expected a mapping of options or null, got {spec!r}")
         spec = dict(spec)
         lr_scale = spec.pop("lr_scale", 1.0)
-        if not isinstance(lr_scale, int | float) or lr_scale < 0:
-            raise ConfigError(f"{where}.lr_scale must be a number >= 0, got {lr_scale!r}")
+        number = isinstance(lr_scale, int | float) and not isinstance(lr_scale, bool)
+        if not number or not 0 <= lr_scale < math.inf:
+            raise ConfigError(f"{where}.lr_scale must be a finite number >= 0, got {lr_scale!r}")
         groups[prefix] = _build(cfg, _scaled(schedule, lr_scale), {**cfg.options, **spec}, where)
     return optim_jax.param_groups(groups, _group_labels(list(cfg.groups)))
 

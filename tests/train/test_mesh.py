@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from train import config
 from train import mesh as mesh_lib
 from train.config import DEFAULT_RULES, ConfigError, MeshConfig, ModelConfig
 from train.models.gpt import GPT
@@ -129,3 +130,9 @@ def test_rules_from_the_config_change_the_layout():
     shardings = mesh_lib.param_shardings(params, mesh, rules)
     for param, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
         assert param.sharding.is_equivalent_to(sharding, param.ndim)
+
+
+def test_partial_rules_change_only_the_axes_they_name():
+    """``mesh.rules.embed=null`` keeps the default rule of every other logical axis."""
+    cfg = config.load(None, ["mesh.rules.embed=null"])
+    assert dict(mesh_lib.rules_tuple(cfg.mesh.rules)) == {**DEFAULT_RULES, "embed": None}

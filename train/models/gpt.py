@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train import mesh as mesh_lib
 from train.config import ConfigError, ModelConfig
 
 INIT_STD = 0.02
@@ -115,8 +116,28 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _check_fits_mesh(cfg: ModelConfig) -> None:
+    """Every parameter dimension divisible by the mesh axis its logical axis is split over."""
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads})"
+        )
+    mesh_lib.check_model_fits(
+        dims=[
+            ("vocab", cfg.vocab_size, "model.vocab_size"),
+            ("embed", cfg.d_model, "model.d_model"),
+            ("heads", cfg.n_heads, "model.n_heads"),
+            ("kv", cfg.d_model // cfg.n_heads, "model.d_model / model.n_heads"),
+            ("mlp", cfg.mlp_ratio * cfg.d_model, "model.mlp_ratio x model.d_model"),
+        ],
+        # The parameters' logical axes: embeddings and head, attention kernels, MLP kernels.
+        together=[("vocab", "embed"), ("embed", "heads", "kv"), ("embed", "mlp")],
+    )
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        _check_fits_mesh(cfg)
         self.cfg = cfg
         self.token_embed = nnx.Embed(
             cfg.vocab_size,

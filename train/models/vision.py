@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train import mesh as mesh_lib
 from train.config import ConfigError, ModelConfig
 
 KINDS = ("cnn", "mlp")
@@ -94,6 +95,16 @@ class CNN(nnx.Module):
             )
         self.image_size, self.in_channels = cfg.image_size, in_channels
         widths = [in_channels] + [cfg.channels * 2**i for i in range(cfg.n_layers)]
+        stages = [(w, f"model.channels x 2**{i}") for i, w in enumerate(widths[1:])]
+        mesh_lib.check_model_fits(
+            dims=[
+                # Convolutions after the first, and the hidden layer, take stage widths in.
+                *[("embed", w, source) for w, source in stages],
+                *[("mlp", w, source) for w, source in stages],
+                ("mlp", cfg.hidden, "model.hidden"),
+            ],
+            together=[("embed", "mlp")],
+        )
         self.convs = nnx.List(
             [
                 nnx.Conv(
@@ -141,6 +152,15 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int, dtype: jnp.dtype, rngs: nnx.Rngs):
         _check_common(cfg, in_channels)
         widths = [cfg.image_size**2 * in_channels] + [cfg.hidden] * cfg.n_layers
+        mesh_lib.check_model_fits(
+            dims=[
+                ("embed", widths[0], "model.image_size**2 x image channels"),
+                # Hidden layers after the first take model.hidden features in.
+                *([("embed", cfg.hidden, "model.hidden")] if cfg.n_layers > 1 else []),
+                ("mlp", cfg.hidden, "model.hidden"),
+            ],
+            together=[("embed", "mlp")],
+        )
         self.layers = nnx.List(
             [
                 _dense(n_in, n_out, _he, ("embed", "mlp"), dtype, rngs)
