@@ -30,7 +30,11 @@ a save finishes, the primary process writes ``checksums.json`` into the step
 directory (size and SHA-256 of every file, written to a temporary name and
 renamed); a checkpoint with that file is verified against it before it is
 used. One that lacks it (a kill between the commit and the checksums) is used
-unverified, still guarded by orbax's own decoding errors.
+unverified, still guarded by orbax's own decoding errors. A step directory that
+reaches outside itself through a symbolic link (the step directory, an item
+directory or a file linking elsewhere) is unusable too: it is refused before
+anything in it is read, since the reads would follow the link and the checksums
+would vouch for what it points to. The checkpoint root may itself be a link.
 
 When the newest checkpoint is incomplete, fails verification or cannot be
 decoded, it is reported (a ``logging`` warning naming its path, also kept in
@@ -323,7 +327,9 @@ class Checkpointer:
         if step in self._bad:
             return "found unusable earlier in this run"
         reason = None
-        if not (self.step_path(step) / COMMIT_FILE).is_file():
+        if step not in self._records:  # checked before anything in it is read, once a session
+            reason = _link_leaving(self.directory, self.step_path(step))
+        if reason is None and not (self.step_path(step) / COMMIT_FILE).is_file():
             reason = f"incomplete: {COMMIT_FILE} is missing"
         if reason is None and verify:
             reason = self._check_checksums(step)
@@ -530,13 +536,18 @@ class Checkpointer:
         ``NoCheckpointError`` when there is none. Waits for a save in flight first;
         reads only.
         """
+        if step is None:
+            return self.restore_newest(target)[1:]
         target = _check_target(target)
         self._finish_pending()
-        if step is not None:
-            return self._restore_step(int(step), target)
-        return self._restore_newest(target)[1:]
+        return self._restore_step(int(step), target)
 
-    def _restore_newest(self, target: Any) -> tuple[int, Any, dict]:
+    def restore_newest(self, target: Any) -> tuple[int, Any, dict]:
+        """``(step, state, meta)`` of the newest usable checkpoint, falling back past corrupt
+        ones (each reported); ``NoCheckpointError`` when there is none. Waits for a save in
+        flight first; reads only."""
+        target = _check_target(target)
+        self._finish_pending()
         steps, tmps = self._listing()
         self._report_tmp_dirs(tmps)
         for candidate in reversed(steps):
@@ -604,7 +615,7 @@ class Checkpointer:
         if not steps and self.cfg.resume == "auto":
             self._report_tmp_dirs(tmps)
             return None
-        return self._restore_newest(_check_target(target))
+        return self.restore_newest(target)
 
 
 def _short(err: BaseException) -> str:
@@ -621,6 +632,27 @@ def _collect_quietly() -> None:
         gc.collect()
     finally:
         sys.unraisablehook = hook
+
+
+def _link_leaving(directory: pathlib.Path, step_dir: pathlib.Path) -> str | None:
+    """Why ``step_dir`` reaches outside itself through a symbolic link (None if it does not).
+
+    A checkpoint is read from its own step directory only: a link out of it (the step
+    directory itself, an item directory, a data file) would make orbax and tensorstore read
+    whatever it points to as this step's state, and the checksums would vouch for it. The
+    checkpoint root may itself be a link (storage mounted elsewhere); links that stay inside
+    the step directory are followed as usual.
+    """
+    root = directory.resolve()
+    real = step_dir.resolve()
+    if step_dir.is_symlink() and real.parent != root:
+        return f"{step_dir} is a symbolic link leaving {root} (to {real})"
+    for parent, dirs, files in os.walk(step_dir):  # followlinks=False: links are not entered
+        for name in sorted(dirs) + sorted(files):
+            path = pathlib.Path(parent, name)
+            if path.is_symlink() and not path.resolve().is_relative_to(real):
+                return f"{path} is a symbolic link leaving the checkpoint (to {path.resolve()})"
+    return None
 
 
 def _finite_or_none(value: float | None) -> float | None:

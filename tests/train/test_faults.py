@@ -1,0 +1,298 @@
+"""Crashes at exact moments and damaged checkpoints: the trainer resumes to the same bits.
+
+What is proved here, with ``tests/train/fault_runner.py`` running ``train.loop.fit`` in a
+subprocess that SIGKILLs itself (no handler runs, nothing is flushed) at one exact moment:
+
+* killed inside a train step (earlier saves settled), killed while orbax's asynchronous write
+  of a checkpoint is in flight (its arrays written, its commit not yet made), and killed right
+  after orbax committed a checkpoint but before its ``checksums.json`` was written: each time
+  the disk holds exactly the checkpoints it should (no complete checkpoint of the step in
+  flight, the earlier ones complete and matching their checksums), and ``fit`` run again on
+  the same workdir resumes from the newest complete one and ends with parameters, optimizer
+  state, loss scale and counters bitwise equal to an uninterrupted run, with the same loss at
+  every step in the metrics file;
+* the newest checkpoints damaged on disk (a data file truncated, a byte flipped, the commit
+  marker deleted, a step directory renamed to orbax's tmp name): the next ``fit`` names each
+  bad path and why, resumes from the newest good checkpoint, ends bitwise equal to the
+  uninterrupted run, and keeps the damaged directories byte for byte as ``<step>.corrupt``
+  (a tmp directory is, as train/checkpoint.py documents, an interrupted save that orbax
+  replaces when the step is saved again).
+
+The Checkpointer-level versions of the damage cases are in test_checkpoint.py; the kill of
+``python -m train`` from outside is in test_loop.py. Every run here is a subprocess sharing one
+persistent XLA compilation cache (a temporary directory): a cold run costs ~30 s on a busy
+2-core machine, a warm one ~9 s. The cache holds compiled programs only; what is compared is
+the arithmetic, which a cached executable does not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from train import metrics
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RUNNER = pathlib.Path(__file__).with_name("fault_runner.py")
+STEPS, EVERY = 8, 2  # checkpoints at 2, 4, 6 and 8; retention keeps 3 (+ the best)
+OVERRIDES = [
+    "model.n_layers=1",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.seq_len=16",
+    "data.batch_size=16",
+    "data.max_bytes=200000",
+    "run.eval_batches=1",
+    f"run.steps={STEPS}",
+    f"run.eval_every={STEPS}",
+    "run.log_every=1",
+    f"checkpoint.every={EVERY}",
+    "optimizer.warmup_steps=2",
+]
+TIMEOUT_S = 300  # per run; a run takes 9-35 s here, so only a hang reaches it
+COMMIT, CHECKSUMS, TMP = "commit_success.txt", "checksums.json", ".orbax-checkpoint-tmp"
+
+# name -> (runner option, checkpoint directory listing right after the kill, steps whose
+# checksums.json is there, the step the next run resumes from)
+KILLS = {
+    "in_step": (["--kill-in-step", "7"], ["2", "4", "6"], [2, 4, 6], 6),
+    "during_write": (["--kill-during-write", "6"], ["2", "4", f"6{TMP}"], [2, 4], 4),
+    "after_commit": (["--kill-after-commit", "4"], ["2", "4"], [2], 4),
+}
+
+
+class Runner:
+    """Starts fault_runner.py subprocesses that share one compilation cache."""
+
+    def __init__(self, cache_dir: pathlib.Path):
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        }
+
+    def start(self, workdir: pathlib.Path, *args: str) -> subprocess.Popen:
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = open(log_path(workdir), "a")  # noqa: SIM115 - closed with the process
+        cmd = [sys.executable, str(RUNNER), "--workdir", str(workdir), *args, *OVERRIDES]
+        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def run(self, workdir: pathlib.Path, *args: str) -> str:
+        """Runs to the end (no fault); the run's output. Fails the test if it fails."""
+        offset = log_path(workdir).stat().st_size if log_path(workdir).exists() else 0
+        rc = self.start(workdir, *args).wait(timeout=TIMEOUT_S)
+        output = log_path(workdir).read_text()[offset:]
+        assert rc == 0, output
+        return output
+
+
+def log_path(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir.with_suffix(".log")
+
+
+def final_state(npz: pathlib.Path) -> dict[str, np.ndarray]:
+    with np.load(npz) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def assert_bitwise_state(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    assert any("opt_state" in key for key in want) and any("params" in key for key in want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        # Bytes, not values: -0.0 vs 0.0 or another NaN payload would be a difference too.
+        assert got[key].tobytes() == want[key].tobytes(), f"{key} differs"
+
+
+def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+
+def sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, str]:
+    """Every file under ``directory`` (relative path) with a hash of its bytes."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): sha256(p) for p in files}
+
+
+def matches_its_checksums(step_dir: pathlib.Path) -> bool:
+    """Every file ``checksums.json`` lists has its recorded size and SHA-256 (checked here,
+    independently of train/checkpoint.py's own verification)."""
+    listed = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+    assert any(name.startswith("state/") for name in listed)  # the arrays are covered
+    return all(
+        (step_dir / name).is_file()
+        and (step_dir / name).stat().st_size == size
+        and sha256(step_dir / name) == digest
+        for name, (size, digest) in listed.items()
+    )
+
+
+def assert_finished_cleanly(checkpoints: pathlib.Path, resumed_from: int) -> None:
+    """The end of a run: the final step is there, no tmp directory is left, and every checkpoint
+    the resumed run wrote has its checksums and matches them. (A checkpoint resumed from that
+    was killed before its checksums stays without them: restore only reads.)"""
+    assert (checkpoints / str(STEPS) / COMMIT).is_file()
+    assert not [p.name for p in checkpoints.iterdir() if TMP in p.name]
+    for step_dir in checkpoints.iterdir():
+        if step_dir.name.isdigit() and int(step_dir.name) > resumed_from:
+            assert matches_its_checksums(step_dir), step_dir
+
+
+def largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    """The biggest array-data file of the ``state`` item (orbax/tensorstore OCDBT layout)."""
+    files = [p for p in (step_dir / "state").glob("ocdbt.process_*/d/*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Runner:
+    return Runner(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(runner, tmp_path_factory) -> tuple[dict[str, np.ndarray], dict[int, float]]:
+    """ONE uninterrupted run, shared by every case: its final state and its loss per step."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    runner.run(workdir, "--save-final", str(workdir.parent / "final.npz"))
+    losses = losses_by_step(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1]  # it learns: the comparisons are not between constants
+    return final_state(workdir.parent / "final.npz"), losses
+
+
+@pytest.fixture(scope="module")
+def killed(runner, reference, tmp_path_factory) -> dict[str, tuple[pathlib.Path, int, str]]:
+    """The three killed runs, started together once the reference has filled the cache:
+    name -> (workdir, exit status, output). Each test resumes in a copy of its workdir."""
+    root = tmp_path_factory.mktemp("killed")
+    started = {name: runner.start(root / name, *KILLS[name][0]) for name in KILLS}
+    out = {}
+    for name, process in started.items():
+        rc = process.wait(timeout=TIMEOUT_S)
+        out[name] = (root / name, rc, log_path(root / name).read_text())
+    return out
+
+
+def copy_workdir(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.parametrize("case", sorted(KILLS))
+def test_killed_at_an_exact_moment_then_resumed_is_bitwise_the_uninterrupted_run(
+    runner, reference, killed, tmp_path, case
+):
+    _, listing, checksummed, resume_step = KILLS[case]
+    source, rc, output = killed[case]
+    assert rc == -signal.SIGKILL, output  # killed at its fault point, not finished or crashed
+    workdir = copy_workdir(source, tmp_path / "run")
+    checkpoints = workdir / "checkpoints"
+
+    # On disk: exactly the expected entries. The step in flight has no complete checkpoint.
+    assert sorted(p.name for p in checkpoints.iterdir()) == listing
+    for name in listing:
+        step_dir = checkpoints / name
+        complete = (step_dir / COMMIT).is_file()
+        assert complete == (TMP not in name), step_dir
+        has_checksums = (step_dir / CHECKSUMS).is_file()
+        assert has_checksums == (name.isdigit() and int(name) in checksummed), step_dir
+        if has_checksums:
+            assert matches_its_checksums(step_dir), step_dir
+    if case == "during_write":
+        # The write really was under way: the arrays are in the tmp directory, uncommitted.
+        assert largest_data_file(checkpoints / f"6{TMP}").stat().st_size > 0
+
+    resumed_output = runner.run(workdir, "--save-final", str(tmp_path / "final.npz"))
+    assert f"resumed from {checkpoints / str(resume_step)}\n" in resumed_output
+    want_state, want_losses = reference
+    assert_bitwise_state(final_state(tmp_path / "final.npz"), want_state)
+    # The metrics file of the killed and the resumed session reads as the uninterrupted run's.
+    assert losses_by_step(workdir) == want_losses
+    assert_finished_cleanly(checkpoints, resume_step)
+
+
+def _truncate(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: pathlib.Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _damage_files(checkpoints: pathlib.Path) -> dict[str, str]:
+    """A truncated data file in step 4, one flipped byte in step 6 (orbax alone would restore
+    the flipped one silently to wrong values)."""
+    four, six = largest_data_file(checkpoints / "4"), largest_data_file(checkpoints / "6")
+    size = four.stat().st_size
+    _truncate(four)
+    _flip_byte(six)
+    return {
+        "4": f"file {four} has {size // 2} bytes, {size} were written",
+        "6": f"file {six} does not match its SHA-256",
+    }
+
+
+def _make_incomplete(checkpoints: pathlib.Path) -> dict[str, str]:
+    """Step 4 without orbax's commit marker, step 6 under orbax's tmp name (a save that never
+    committed, as far as anyone can tell)."""
+    (checkpoints / "4" / COMMIT).unlink()
+    (checkpoints / "6").rename(checkpoints / f"6{TMP}")
+    return {
+        "4": f"incomplete: {COMMIT} is missing",
+        f"6{TMP}": "incomplete: a save was interrupted before orbax finalised it",
+    }
+
+
+# name -> damage done to the checkpoints at 4 and 6 of the run killed in step 7; it returns, for
+# each damaged entry, the reason the resumed run must print with its path.
+DAMAGE = {"damaged_files": _damage_files, "incomplete": _make_incomplete}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_newest_checkpoints_are_named_kept_and_skipped(
+    runner, reference, killed, tmp_path, case
+):
+    source, rc, output = killed["in_step"]
+    assert rc == -signal.SIGKILL, output
+    workdir = copy_workdir(source, tmp_path / "run")
+    checkpoints = workdir / "checkpoints"
+    reasons = DAMAGE[case](checkpoints)
+    damaged = {name: snapshot(checkpoints / name) for name in reasons}
+
+    resumed_output = runner.run(workdir, "--save-final", str(tmp_path / "final.npz"))
+    for name, reason in reasons.items():
+        line = f"checkpoint {checkpoints / name} is not usable and was skipped: {reason}"
+        assert line in resumed_output
+    assert f"resumed from {checkpoints / '2'}\n" in resumed_output  # past both bad ones
+    want_state, want_losses = reference
+    assert_bitwise_state(final_state(tmp_path / "final.npz"), want_state)
+    assert losses_by_step(workdir) == want_losses
+    assert_finished_cleanly(checkpoints, 2)
+
+    # Nothing damaged was deleted or changed: moved aside, byte for byte, when its step was
+    # saved again. A tmp directory is the exception the checkpoint docstring states: orbax
+    # treats it as an interrupted save and replaces it when it saves that step.
+    for name, files in damaged.items():
+        if TMP in name:
+            assert not (checkpoints / name).exists()
+            continue
+        assert snapshot(checkpoints / f"{name}.corrupt") == files
