@@ -19,9 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data, metrics, precision
+from train import data, distributed, loss_spikes, metrics, precision
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer, abstract_state
+from train.checkpoint import Checkpointer, NoCheckpointError, abstract_state
 from train.config import Config, ConfigError, to_dict
 from train.models import vision
 from train.models.gpt import GPT
@@ -166,6 +166,11 @@ def build(cfg: Config) -> Setup:
     )
     with jax.set_mesh(mesh):
         opt_state = jax.jit(tx.init)(params)
+    spike_rule = loss_spikes.SpikeRule(
+        factor=cfg.run.loss_spike_factor,
+        window=cfg.run.spike_window,
+        discard=cfg.run.spike_policy in ("skip", "rollback"),
+    )
     replicated = mesh_lib.replicated(mesh)
     state = TrainState(
         step=jax.device_put(jnp.zeros([], jnp.int32), replicated),
@@ -173,6 +178,7 @@ def build(cfg: Config) -> Setup:
         opt_state=opt_state,
         loss_scale=jax.device_put(precision.initial_loss_scale(cfg.precision), replicated),
         skipped=jax.device_put(jnp.zeros([], jnp.int32), replicated),
+        loss_watch=jax.device_put(loss_spikes.init_loss_watch(spike_rule), replicated),
     )
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES))
@@ -183,6 +189,7 @@ def build(cfg: Config) -> Setup:
         cfg.precision,
         cfg.optimizer.accumulation_steps,
         schedule,
+        spike_rule,
         hessian_seed=cfg.run.seed if cfg.optimizer.name == "sophia" else None,
         task=task,
     )
@@ -284,9 +291,10 @@ class _Logger:
         self.peak = metrics.total_peak_flops(jax.devices(), precision.compute_dtype(cfg.precision))
         self.is_primary = is_primary
         self.first_loss = self.last_loss = None
-        self._restart_clock()
+        self.spikes_logged = 0
+        self.restart_clock()
 
-    def _restart_clock(self) -> None:
+    def restart_clock(self) -> None:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def log(self, step: int, state: TrainState, step_metrics: dict, evaluate_now: bool) -> dict:
@@ -298,17 +306,79 @@ class _Logger:
         utilisation = metrics.mfu(record[self.rate_key], self.setup.flops_per_unit, self.peak)
         if utilisation is not None:
             record["mfu"] = utilisation
-        warning = self.monitor.check(step, record["grad_norm"])
-        if warning and self.is_primary:
-            tqdm.write(warning)
+        record["loss_spikes"] = spikes = int(state.loss_watch.spikes)
+        warnings = [self.monitor.check(step, record["grad_norm"])]
+        if spikes > self.spikes_logged:
+            warnings.append(
+                f"warning: {spikes - self.spikes_logged} loss spike(s) up to step {step} "
+                f"(loss > {self.setup.cfg.run.loss_spike_factor} x the recent median); "
+                f"run.spike_policy={self.setup.cfg.run.spike_policy!r}"
+            )
+        self.spikes_logged = spikes
+        for warning in filter(None, warnings):
+            if self.is_primary:
+                tqdm.write(warning)
         if evaluate_now:
             for key, value in eval_metrics(self.setup, state.params).items():
                 record[f"eval_{key}"] = value
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = record["loss"]
         self.writer.write(step, record)
-        self._restart_clock()
+        self.restart_clock()
         return record
+
+
+@dataclasses.dataclass
+class DataPosition:
+    """Which batch a step trains on: batch index = step + ``offset``.
+
+    The offset starts at 0 and grows only by rollbacks, which skip the batches
+    trained on since the checkpoint they return to, so no batch is ever used
+    twice. Saved in every checkpoint's meta, so a resumed run reads on where
+    the saved one would have.
+    """
+
+    offset: int = 0
+    rollbacks: int = 0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> DataPosition:
+        return cls(int(meta.get("data_offset", 0)), int(meta.get("rollbacks", 0)))
+
+    def meta(self) -> dict[str, int]:
+        return {"data_offset": self.offset, "rollbacks": self.rollbacks}
+
+
+def _roll_back(
+    cfg: Config, checkpointer: Checkpointer, target: Any, step: int, position: DataPosition
+) -> tuple[int, TrainState] | None:
+    """After a loss spike in step ``step`` (0-based) of a ``rollback`` run: ``(checkpoint step,
+    state)`` to go on from, with ``position`` moved past the batches since that checkpoint;
+    None (the step's update was already discarded, as under ``skip``) when the rollbacks are
+    used up or there is no checkpoint yet."""
+    where = f"loss spike at step {step + 1}"
+    if position.rollbacks >= cfg.run.max_rollbacks:
+        tqdm.write(
+            f"warning: {where}: run.max_rollbacks={cfg.run.max_rollbacks} reached; "
+            "skipping its update instead"
+        )
+        return None
+    try:
+        restored_step, state, _ = checkpointer.restore_newest(target)
+    except NoCheckpointError:
+        tqdm.write(f"warning: {where}: no checkpoint to roll back to yet; skipping its update")
+        return None
+    # The batches of steps restored_step..step are passed over: the step after the checkpoint
+    # trains on the batch after the offending one.
+    first_skipped, last_skipped = restored_step + position.offset, step + position.offset
+    position.offset = last_skipped + 1 - restored_step
+    position.rollbacks += 1
+    tqdm.write(
+        f"warning: {where}: rolled back to {checkpointer.step_path(restored_step)} "
+        f"(rollback {position.rollbacks} of at most {cfg.run.max_rollbacks}), skipping "
+        f"batches {first_skipped}..{last_skipped}"
+    )
+    return restored_step, state
 
 
 def fit(
@@ -322,16 +392,20 @@ def fit(
 
     ``stop_after`` ends the session after that step with a checkpoint, as a
     time-limited job slot would; the next ``fit`` on the workdir carries on to
-    ``run.steps`` with the same schedule and data.
+    ``run.steps`` with the same schedule and data. A SIGTERM (a preemption)
+    ends it the same way at the next step boundary, every process at the same
+    step, with ``summary["preempted"]`` set.
     """
     workdir = pathlib.Path(workdir)
     setup = build(cfg)
     checkpointer = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     data_spec = setup.batches.spec()
-    state, start_step = setup.state, 0
-    resumed = checkpointer.resume(abstract_state(state))
+    target = abstract_state(setup.state)
+    state, start_step, position = setup.state, 0, DataPosition()
+    resumed = checkpointer.resume(target)
     if resumed is not None:
         start_step, state, meta = resumed
+        position = DataPosition.from_meta(meta)
         for change in data.spec_changes(meta.get("data", {}), data_spec):
             tqdm.write(f"warning: the data differs from the checkpoint's: {change}")
         tqdm.write(f"resumed from {checkpointer.step_path(start_step)}")
@@ -339,9 +413,9 @@ def fit(
     is_primary = jax.process_index() == 0
     logger = _Logger(setup, workdir, start_step, is_primary)
     initial = eval_metrics(setup, state.params)
-    best_eval, evals_without_gain, stopped = initial["loss"], 0, None
+    best_eval, evals_without_gain, stopped, preempted = initial["loss"], 0, None, False
+    watch_spikes = cfg.run.spike_policy == "rollback"
     bar = tqdm(
-        range(start_step, cfg.run.steps),
         initial=start_step,
         total=cfg.run.steps,
         desc="train",
@@ -349,34 +423,59 @@ def fit(
         disable=not (progress and is_primary),
         mininterval=0.5,
     )
-    for step in bar:
-        state, step_metrics = setup.train_step(state, train_batch(setup, step))
-        logger.window_steps += 1
-        done, last = step + 1, step + 1 == cfg.run.steps
-        eval_loss = None
-        if done % cfg.run.log_every == 0 or last:
-            evaluate_now = done % cfg.run.eval_every == 0 or last
-            record = logger.log(done, state, step_metrics, evaluate_now)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                lr=f"{record['learning_rate']:.2e}",
-                grad_norm=f"{record['grad_norm']:.2f}",
-                **{logger.rate_label: f"{record[logger.rate_key]:,.0f}"},
-            )
-            eval_loss = record.get("eval_loss")
-        if eval_loss is not None:
-            evals_without_gain = 0 if eval_loss < best_eval else evals_without_gain + 1
-            best_eval = min(best_eval, eval_loss)
-            if cfg.run.patience and evals_without_gain >= cfg.run.patience:
-                stopped = f"early stop: no eval gain in {cfg.run.patience} evaluations"
-        if stop_after is not None and done >= stop_after:
-            stopped = f"stopped after step {done} as asked; the next run resumes here"
-        final = last or stopped is not None
-        checkpointer.save(done, state, {"data": data_spec}, eval_loss=eval_loss, force=final)
-        if stopped:
-            tqdm.write(stopped)
-            break
-    bar.close()
+    preemption = distributed.Preemption()
+    try:
+        step, calls = start_step, 0
+        while step < cfg.run.steps:
+            batch = train_batch(setup, step + position.offset)
+            state, step_metrics = setup.train_step(state, batch)
+            calls += 1
+            # A host read each step (a sync), so only for the policy that acts on the host.
+            if watch_spikes and bool(step_metrics["spike"]):
+                rolled_back = _roll_back(cfg, checkpointer, target, step, position)
+                if rolled_back is not None:
+                    step, state = rolled_back
+                    logger.writer.restart(step)
+                    logger.restart_clock()
+                    bar.n = step
+                    bar.refresh()
+                    continue
+            logger.window_steps += 1
+            done, last = step + 1, step + 1 == cfg.run.steps
+            eval_loss = None
+            if done % cfg.run.log_every == 0 or last:
+                evaluate_now = done % cfg.run.eval_every == 0 or last
+                record = logger.log(done, state, step_metrics, evaluate_now)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['learning_rate']:.2e}",
+                    grad_norm=f"{record['grad_norm']:.2f}",
+                    **{logger.rate_label: f"{record[logger.rate_key]:,.0f}"},
+                )
+                eval_loss = record.get("eval_loss")
+            if eval_loss is not None:
+                evals_without_gain = 0 if eval_loss < best_eval else evals_without_gain + 1
+                best_eval = min(best_eval, eval_loss)
+                if cfg.run.patience and evals_without_gain >= cfg.run.patience:
+                    stopped = f"early stop: no eval gain in {cfg.run.patience} evaluations"
+            if stop_after is not None and done >= stop_after:
+                stopped = f"stopped after step {done} as asked; the next run resumes here"
+            # Every process must ask at every step; the count of calls only grows, also
+            # across a rollback, as the preemption service needs.
+            if preemption.reached(start_step + calls):
+                preempted = True
+                stopped = f"preempted (SIGTERM) after step {done}; checkpointed, rerun to resume"
+            final = last or stopped is not None
+            meta = {"data": data_spec, **position.meta()}
+            checkpointer.save(done, state, meta, eval_loss=eval_loss, force=final)
+            bar.update(1)
+            step = done
+            if stopped:
+                tqdm.write(stopped)
+                break
+    finally:
+        preemption.close()
+        bar.close()
     checkpointer.close()
     logger.writer.close()
     if is_primary:
@@ -392,7 +491,10 @@ def fit(
         "last_train_loss": logger.last_loss,
         "steps": int(state.step),
         "skipped_steps": int(state.skipped),
+        "loss_spikes": int(state.loss_watch.spikes),
+        "rollbacks": position.rollbacks,
         "stopped": stopped,
+        "preempted": preempted,  # stopped by SIGTERM: the caller should exit so it is requeued
         "state": state,
         "config": to_dict(cfg),
     }

@@ -139,11 +139,17 @@ class MetricsWriter:
         if needs_newline:  # a line cut short by a crash: keep it, but on its own line
             self._file.write("\n")
         if start_step is not None:
-            self._append({RESTART_KEY: start_step, "time": time.time()})
+            self.restart(start_step)
         # Imported here so non-primary processes never pay for it.
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
+
+    def restart(self, step: int) -> None:
+        """Marks that the run continues from the state after ``step`` (a resume, or a
+        rollback to a checkpoint): entries logged so far for later steps are voided."""
+        if self.enabled:
+            self._append({RESTART_KEY: int(step), "time": time.time()})
 
     def _append(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")

@@ -3,8 +3,9 @@
 One step, as data: float32 master params -> model in the compute dtype (layers
 cast their float32 params) -> loss in float32, times the loss scale ->
 gradients (float32, since the params are) summed over micro-batches -> divided
-by scale x micro-batches -> finite check -> optimizer update -> new params and
-state, or the old ones when a gradient was not finite (skipped and counted).
+by scale x micro-batches -> finite check and loss-spike check -> optimizer
+update -> new params and state, or the old ones when a gradient was not finite
+or the policy discards a loss spike (skipped and counted).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import optax
 from flax import nnx
 
 import optim_jax
-from train import precision
+from train import loss_spikes, precision
 from train.config import PrecisionConfig
 
 
@@ -28,7 +29,8 @@ class TrainState(NamedTuple):
     params: Any  # nnx.State of float32 master weights
     opt_state: Any
     loss_scale: precision.LossScale
-    skipped: jax.Array  # int32: steps skipped because a gradient was not finite
+    skipped: jax.Array  # int32: steps whose update was discarded (non-finite or loss spike)
+    loss_watch: loss_spikes.LossWatch  # recent losses, for loss-spike detection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ def make_train_step(
     precision_cfg: PrecisionConfig,
     accumulation_steps: int,
     learning_rate: Callable[[jax.Array], jax.Array],
+    spike_rule: loss_spikes.SpikeRule,
     *,
     hessian_seed: int | None = None,
     task: Task = LANGUAGE_MODELING,
@@ -87,6 +90,9 @@ def make_train_step(
     ``batch`` holds ``[accumulation_steps, batch, ...]`` arrays: the micro-batches
     are scanned inside the one jitted step, so the effective batch is
     micro-batch x accumulation x data-parallel size.
+
+    ``spike_rule`` says when a loss is a spike and whether the step then keeps
+    its update (see :mod:`train.loss_spikes`).
 
     With ``hessian_seed`` (Sophia), refresh steps also compute the
     Gauss-Newton-Bartlett estimate of the Hessian diagonal on the first
@@ -133,28 +139,33 @@ def make_train_step(
             grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
         grads = jax.tree.map(lambda g: g / (scale * accumulation_steps), grad_sum)
         grads_finite = optim_jax.base.all_finite(grads)
+        loss = jnp.mean(losses)
+        spike, loss_watch = loss_spikes.watch_loss(spike_rule, state.loss_watch, loss)
+        apply = grads_finite & ~(spike & spike_rule.discard)
         updates, new_opt_state = tx.update(
             grads, state.opt_state, state.params, **hessian_diag(state, first_micro_batch)
         )
         new_params = optax.apply_updates(state.params, updates)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(grads_finite, a, b), new, old)
+        def keep_if_applied(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
 
         new_state = TrainState(
             step=state.step + 1,
-            params=keep_if_finite(new_params, state.params),
-            opt_state=keep_if_finite(new_opt_state, state.opt_state),
+            params=keep_if_applied(new_params, state.params),
+            opt_state=keep_if_applied(new_opt_state, state.opt_state),
             loss_scale=precision.next_loss_scale(precision_cfg, state.loss_scale, grads_finite),
-            skipped=state.skipped + jnp.where(grads_finite, 0, 1).astype(jnp.int32),
+            skipped=state.skipped + jnp.where(apply, 0, 1).astype(jnp.int32),
+            loss_watch=loss_watch,
         )
         metrics = {
-            "loss": jnp.mean(losses),
+            "loss": loss,
             "grad_norm": _grad_norm(grads, new_opt_state),
             # The optimizer's count advances only on applied updates, so does its schedule.
             "learning_rate": learning_rate(state.step - state.skipped),
             "loss_scale": scale,
             "finite": grads_finite,
+            "spike": spike,
         }
         return new_state, metrics
 
