@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import signal
 import sys
 
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{summary['final_eval_accuracy']:.4f} after {summary['steps']} steps; "
         f"{summary['skipped_steps']} non-finite steps skipped; outputs in {workdir}"
     )
+    if summary["preempted"]:
+        # 128 + SIGTERM, as if the signal had ended the process: schedulers requeue the job.
+        raise SystemExit(128 + signal.SIGTERM)
     return summary
 
 

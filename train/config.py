@@ -19,7 +19,8 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1's safe loader, but reading ``1e-3`` as a float as YAML 1.2 does."""
+    """YAML 1.1's safe loader, but with YAML 1.2's floats (``1e-3``) and booleans (only
+    true/false: ``run.distributed: on`` is the string "on", not True)."""
 
 
 _Loader.add_implicit_resolver(
@@ -30,6 +31,14 @@ _Loader.add_implicit_resolver(
         re.X,
     ),
     list("-+0123456789."),
+)
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 
 
