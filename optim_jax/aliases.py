@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, quantization, validation
 from optim_jax.transforms.adafactor import scale_by_adafactor
 from optim_jax.transforms.adaptive import scale_by_adagrad, scale_by_adam, scale_by_rmsprop
 from optim_jax.transforms.lion import scale_by_lion
@@ -46,6 +46,7 @@ def sgd(
     momentum: base.ScalarOrSchedule = 0.0,
     nesterov: bool = False,
     weight_decay: base.ScalarOrSchedule = 0.0,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Stochastic gradient descent with torch.optim.SGD semantics (dampening 0).
 
@@ -57,13 +58,17 @@ def sgd(
     Weight decay is L2 (added to the gradient before the momentum buffer), as
     in torch. The same numbers as ``optax.chain(optax.add_decayed_weights(wd),
     optax.sgd(lr, momentum, nesterov))``.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     validation.check_beta("momentum", momentum)
     if nesterov and is_zero(momentum):
         raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     return chain_present(
         decoupled_weight_decay(weight_decay, None),
-        None if is_zero(momentum) else trace(momentum, nesterov),
+        None if is_zero(momentum) else trace(momentum, nesterov, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -72,15 +77,21 @@ def adagrad(
     learning_rate: base.ScalarOrSchedule,
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adagrad with torch.optim.Adagrad's defaults (``lr_decay=0``, ``weight_decay=0``).
 
     ``p <- p - lr * g / (sqrt(s) + eps)`` with ``s`` the running sum of ``g**2``
     started at ``initial_accumulator_value``. Optax's ``adagrad`` differs:
     ``initial_accumulator_value=0.1``, ``eps=1e-7`` inside the square root.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return optax.chain(
-        scale_by_adagrad(initial_accumulator_value, eps), scale_by_learning_rate(learning_rate)
+        scale_by_adagrad(initial_accumulator_value, eps, moment_dtype),
+        scale_by_learning_rate(learning_rate),
     )
 
 
@@ -90,15 +101,21 @@ def rmsprop(
     eps: float = 1e-8,
     momentum: float = 0.0,
     centered: bool = False,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """RMSprop with torch.optim.RMSprop's defaults and eps placement.
 
     See :func:`optim_jax.transforms.scale_by_rmsprop` for the rule. Equals
     ``optax.rmsprop(lr, decay=0.99, eps=eps, eps_in_sqrt=False, centered=...,
     momentum=...)``; Optax's own defaults (decay 0.9, eps inside the root) differ.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return optax.chain(
-        scale_by_rmsprop(decay, eps, momentum, centered), scale_by_learning_rate(learning_rate)
+        scale_by_rmsprop(decay, eps, momentum, centered, moment_dtype),
+        scale_by_learning_rate(learning_rate),
     )
 
 
@@ -107,13 +124,20 @@ def adam(
     b1: base.ScalarOrSchedule = 0.9,
     b2: base.ScalarOrSchedule = 0.999,
     eps: float = 1e-8,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adam (Kingma & Ba 2015) with torch.optim.Adam's defaults.
 
     ``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``; see
     :func:`optim_jax.transforms.scale_by_adam`. Identical to ``optax.adam``.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return optax.chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        scale_by_adam(b1, b2, eps, moment_dtype), scale_by_learning_rate(learning_rate)
+    )
 
 
 def adamw(
@@ -123,6 +147,7 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: base.ScalarOrSchedule = 0.01,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's defaults.
 
@@ -136,9 +161,13 @@ def adamw(
     function use ``1e-2``. ``mask`` (a pytree of booleans or a function of the
     params) excludes leaves from the decay; see
     :func:`optim_jax.decay_mask` for the usual choice.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return chain_present(
-        scale_by_adam(b1, b2, eps),
+        scale_by_adam(b1, b2, eps, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -151,6 +180,7 @@ def lamb(
     eps: float = 1e-6,
     weight_decay: base.ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning", Algorithm 2).
 
@@ -172,9 +202,13 @@ def lamb(
     as ``optax.lamb(..., eps_root=0)``. NVIDIA apex's FusedLAMB differs: it
     skips the trust ratio for parameter groups with zero weight decay and, by
     default, clips the global gradient norm to 1 first.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return chain_present(
-        scale_by_adam(b1, b2, eps),
+        scale_by_adam(b1, b2, eps, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),
@@ -188,6 +222,7 @@ def lars(
     trust_coefficient: float = 0.001,
     eps: float = 0.0,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """LARS (You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks").
 
@@ -218,12 +253,16 @@ def lars(
     ``||g|| + beta * ||w|| + eps``. With ``weight_decay = 0`` the two give the
     same numbers (pass ``mask`` to Optax as both ``weight_decay_mask`` and
     ``trust_ratio_mask``).
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     validation.check_beta("momentum", momentum)
     return chain_present(
         scale_by_lars(trust_coefficient, weight_decay, eps, mask),
         scale_by_learning_rate(learning_rate),
-        None if is_zero(momentum) else trace(momentum),
+        None if is_zero(momentum) else trace(momentum, moment_dtype=moment_dtype),
     )
 
 
@@ -233,6 +272,7 @@ def lion(
     b2: base.ScalarOrSchedule = 0.99,
     weight_decay: base.ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).
 
@@ -249,9 +289,13 @@ def lion(
     ``lion`` defaults to ``1e-3``). The decay is multiplied by the learning
     rate, as in the paper, Optax and ``lion-pytorch``; ``mask`` excludes leaves
     from it. Same numbers as ``optax.lion`` given the same ``weight_decay``.
+
+    ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
+    ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
+    :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return chain_present(
-        scale_by_lion(b1, b2),
+        scale_by_lion(b1, b2, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

@@ -106,14 +106,20 @@ def tree_map_multi(fn: Callable[..., tuple], n_outputs: int, tree: Any, *rest: A
     Lets one elementwise function compute the update and every new state buffer
     of a leaf in one place, so XLA fuses them into one pass over memory. An
     output that ``fn`` returns as None for every leaf comes back as None.
+    Outputs may be pytrees themselves (a quantised moment): each stays whole at its
+    leaf's place.
     """
     results = jax.tree.map(fn, tree, *rest)
     outer = jax.tree.structure(tree)
     if outer.num_leaves == 0:
         return (tree,) * n_outputs
-    outputs = tuple(jax.tree.transpose(outer, None, results))
-    assert len(outputs) == n_outputs, (len(outputs), n_outputs)
-    return outputs
+    per_leaf = outer.flatten_up_to(results)
+    assert all(len(r) == n_outputs for r in per_leaf), n_outputs
+    outputs = []
+    for i in range(n_outputs):
+        column = [r[i] for r in per_leaf]
+        outputs.append(None if all(x is None for x in column) else outer.unflatten(column))
+    return tuple(outputs)
 
 
 def bias_correction(decay: float | Array, count: Array) -> Array:

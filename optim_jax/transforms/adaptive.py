@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, quantization, validation
 
 
 class AdagradState(NamedTuple):
@@ -22,7 +22,9 @@ class AdagradState(NamedTuple):
 
 
 def scale_by_adagrad(
-    initial_accumulator_value: float = 0.0, eps: float = 1e-10
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adagrad (Duchi et al. 2011) as torch.optim.Adagrad computes it.
 
@@ -31,22 +33,30 @@ def scale_by_adagrad(
 
     with ``s_0 = initial_accumulator_value``. Optax's ``scale_by_rss`` differs:
     it puts ``eps`` inside the square root and starts the sum at 0.1.
+    ``moment_dtype``: how the sums are stored: None (the parameter's dtype),
+    ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
+    :mod:`optim_jax.quantization`).
     """
     validation.check_non_negative("initial_accumulator_value", initial_accumulator_value)
     validation.check_non_negative("eps", eps)
 
+    quantization.moment_format(moment_dtype)
+
     def init_fn(params):
-        return AdagradState(
-            jax.tree.map(lambda p: base.full_like_param(p, initial_accumulator_value), params)
-        )
+        def one(p):
+            start = base.full_like_param(p, initial_accumulator_value, base.compute_dtype(p.dtype))
+            return quantization.write(start, quantization.init(p, moment_dtype, signed=False))
+
+        return AdagradState(jax.tree.map(one, params))
 
     def update_fn(updates, state, params=None):
         del params
 
         def one(g, s):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            new_s = s.astype(g32.dtype) + g32 * g32
-            return (g32 / (jnp.sqrt(new_s) + eps)).astype(g.dtype), new_s.astype(s.dtype)
+            new_s = quantization.read(s, g32.dtype) + g32 * g32
+            direction = g32 / (jnp.sqrt(new_s) + eps)
+            return direction.astype(g.dtype), quantization.write(new_s, s)
 
         out, new_sum = base.tree_map_multi(one, 2, updates, state.sum_of_squares)
         return out, AdagradState(new_sum)
@@ -66,6 +76,7 @@ def scale_by_rmsprop(
     eps: float = 1e-8,
     momentum: float = 0.0,
     centered: bool = False,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """RMSprop (Hinton 2012) as torch.optim.RMSprop computes it.
 
@@ -79,6 +90,9 @@ def scale_by_rmsprop(
 
     ``eps`` is added outside the square root as in torch; Optax's default puts
     it inside (``eps_in_sqrt=True``) and uses ``decay=0.9``.
+    ``moment_dtype``: how the averages and the momentum buffer are stored: None (the
+    parameter's dtype), ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
+    :mod:`optim_jax.quantization`).
     """
     validation.check_beta("decay", decay)
     validation.check_non_negative("eps", eps)
@@ -86,12 +100,14 @@ def scale_by_rmsprop(
     use_momentum = callable(momentum) or float(momentum) != 0.0
 
     def init_fn(params):
-        zeros = lambda: base.tree_zeros_like(params)  # noqa: E731
+        def zeros(signed: bool):
+            return quantization.tree_init(params, moment_dtype, signed=signed)
+
         return RmspropState(
             count=base.init_count(),
-            square_avg=zeros(),
-            grad_avg=zeros() if centered else None,
-            momentum=zeros() if use_momentum else None,
+            square_avg=zeros(signed=False),
+            grad_avg=zeros(signed=True) if centered else None,
+            momentum=zeros(signed=True) if use_momentum else None,
         )
 
     def update_fn(updates, state, params=None):
@@ -100,21 +116,23 @@ def scale_by_rmsprop(
 
         def one(g, v, gbar, b):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            new_v = alpha * v.astype(g32.dtype) + (1 - alpha) * g32 * g32
+            new_v = alpha * quantization.read(v, g32.dtype) + (1 - alpha) * g32 * g32
             if centered:
-                new_gbar = alpha * gbar.astype(g32.dtype) + (1 - alpha) * g32
-                denom = jnp.sqrt(new_v - new_gbar * new_gbar) + eps
-                new_gbar = new_gbar.astype(gbar.dtype)
+                new_gbar = alpha * quantization.read(gbar, g32.dtype) + (1 - alpha) * g32
+                # v >= gbar^2 in exact arithmetic; rounding (and low-precision state) can
+                # make the difference slightly negative, where torch would give NaN.
+                denom = jnp.sqrt(jnp.maximum(new_v - new_gbar * new_gbar, 0.0)) + eps
+                new_gbar = quantization.write(new_gbar, gbar)
             else:
                 new_gbar = None
                 denom = jnp.sqrt(new_v) + eps
             direction = g32 / denom
             if use_momentum:
-                direction = momentum * b.astype(g32.dtype) + direction
-                new_b = direction.astype(b.dtype)
+                direction = momentum * quantization.read(b, g32.dtype) + direction
+                new_b = quantization.write(direction, b)
             else:
                 new_b = None
-            return direction.astype(g.dtype), new_v.astype(v.dtype), new_gbar, new_b
+            return direction.astype(g.dtype), quantization.write(new_v, v), new_gbar, new_b
 
         none_tree = jax.tree.map(lambda _: None, updates)
         grad_avg = state.grad_avg if centered else none_tree
@@ -143,6 +161,7 @@ def scale_by_adam(
     b1: base.ScalarOrSchedule = 0.9,
     b2: base.ScalarOrSchedule = 0.999,
     eps: float = 1e-8,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adam's direction (Kingma & Ba 2015) with torch.optim.Adam's eps placement.
 
@@ -154,6 +173,9 @@ def scale_by_adam(
     ``t`` counts from 1. Identical to ``optax.scale_by_adam(eps_root=0)``.
     Betas given as schedules are evaluated at ``t - 1`` and the bias
     correction uses the current value, as Optax's ``inject_hyperparams`` does.
+    ``moment_dtype``: how the moments are stored: None (the parameter's dtype),
+    ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
+    :mod:`optim_jax.quantization`).
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
@@ -162,8 +184,8 @@ def scale_by_adam(
     def init_fn(params):
         return AdamState(
             count=base.init_count(),
-            mu=base.tree_zeros_like(params),
-            nu=base.tree_zeros_like(params),
+            mu=quantization.tree_init(params, moment_dtype, signed=True),
+            nu=quantization.tree_init(params, moment_dtype, signed=False),
         )
 
     def update_fn(updates, state, params=None):
@@ -176,10 +198,14 @@ def scale_by_adam(
 
         def one(g, m, v):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            new_m = beta1 * m.astype(g32.dtype) + (1 - beta1) * g32
-            new_v = beta2 * v.astype(g32.dtype) + (1 - beta2) * g32 * g32
+            new_m = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
+            new_v = beta2 * quantization.read(v, g32.dtype) + (1 - beta2) * g32 * g32
             direction = (new_m / bias_correction1) / (jnp.sqrt(new_v / bias_correction2) + eps)
-            return direction.astype(g.dtype), new_m.astype(m.dtype), new_v.astype(v.dtype)
+            return (
+                direction.astype(g.dtype),
+                quantization.write(new_m, m),
+                quantization.write(new_v, v),
+            )
 
         out, new_mu, new_nu = base.tree_map_multi(one, 3, updates, state.mu, state.nu)
         return out, AdamState(count=count, mu=new_mu, nu=new_nu)

@@ -8,16 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, quantization, validation
 
 
 class LionState(NamedTuple):
     count: jax.Array  # updates applied so far (scheduled betas are read at this value)
-    mu: base.Updates  # the momentum m, one buffer per parameter, in the parameter's dtype
+    mu: base.Updates  # the momentum m, one buffer per parameter (see moment_dtype)
 
 
 def scale_by_lion(
-    b1: base.ScalarOrSchedule = 0.9, b2: base.ScalarOrSchedule = 0.99
+    b1: base.ScalarOrSchedule = 0.9,
+    b2: base.ScalarOrSchedule = 0.99,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """The Lion direction ("EvoLved Sign Momentum", Chen et al. 2023, Algorithm 2).
 
@@ -33,12 +35,17 @@ def scale_by_lion(
     step counter, so the betas are numbers rather than schedules. Equal to
     ``optax.scale_by_lion`` (whose state also carries a counter) and to the
     update of lucidrains' ``lion-pytorch``.
+    ``moment_dtype``: how the momentum is stored: None (the parameter's dtype),
+    ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
+    :mod:`optim_jax.quantization`).
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
 
     def init_fn(params):
-        return LionState(count=base.init_count(), mu=base.tree_zeros_like(params))
+        return LionState(
+            count=base.init_count(), mu=quantization.tree_init(params, moment_dtype, signed=True)
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -47,10 +54,10 @@ def scale_by_lion(
 
         def one(g, m):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            m32 = m.astype(g32.dtype)
+            m32 = quantization.read(m, g32.dtype)
             direction = jnp.sign(beta1 * m32 + (1 - beta1) * g32)
             new_m = beta2 * m32 + (1 - beta2) * g32
-            return direction.astype(g.dtype), new_m.astype(m.dtype)
+            return direction.astype(g.dtype), quantization.write(new_m, m)
 
         out, new_mu = base.tree_map_multi(one, 2, updates, state.mu)
         return out, LionState(count=base.increment_count(state.count), mu=new_mu)

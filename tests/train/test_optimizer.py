@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optim_jax
 from train import config
 from train.optimizer import make_optimizer, make_schedule
 
@@ -78,3 +79,36 @@ def test_schedule_shapes_follow_the_config():
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(100)) == pytest.approx(cfg.optimizer.end_lr_fraction)
+
+
+def test_int8_moments_in_the_trainer_are_sharded_and_checkpoint_bitwise(tmp_path):
+    """``optimizer.options.moment_dtype=int8`` on an fsdp mesh: the codes of each quantised
+    moment are sharded like its parameter, and a checkpoint of the state (quantised moments are
+    pytree nodes) restores bit for bit onto the same shardings."""
+    from optim_jax.quantization import QuantizedArray
+    from tests.train.test_loop import assert_bitwise
+    from tests.train.test_loss_spikes import cfg_of
+    from train import loop
+    from train.checkpoint import Checkpointer, abstract_state
+
+    cfg = cfg_of("optimizer.options.moment_dtype=int8", "model.hidden=128", "mesh.fsdp=2")
+    setup = loop.build(cfg)
+    state, _ = setup.train_step(setup.state, loop.train_batch(setup, 0))
+    moments = optim_jax.base.find_state(state.opt_state, optim_jax.transforms.TraceState).momentum
+    quantised = [
+        (path, m)
+        for path, m in jax.tree_util.tree_leaves_with_path(
+            moments, is_leaf=lambda x: isinstance(x, QuantizedArray)
+        )
+        if isinstance(m, QuantizedArray)
+    ]
+    assert quantised  # the 256 x 128 and 128 x 128 kernels
+    params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+    for path, moment in quantised:
+        param = params[path]
+        assert moment.codes.sharding.is_equivalent_to(param.sharding, param.ndim), path
+    with Checkpointer(tmp_path, cfg.checkpoint) as checkpointer:
+        checkpointer.save(1, state, {}, force=True)
+        checkpointer.wait()
+        restored, _ = checkpointer.restore(1, abstract_state(state))
+    assert_bitwise(restored, state, "restored state")
