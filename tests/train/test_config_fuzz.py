@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 import re
 import subprocess
@@ -30,10 +29,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.train.recipes import REPO, subprocess_env
 from train import config, loop
 from train.config import Config, ConfigError
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # Every known dotted key, from the dataclasses themselves, plus sections and unknown keys.
 KNOWN_KEYS = [
@@ -375,12 +373,10 @@ def test_fuzzed_tiny_configs_build_or_raise_config_error(chosen):
 
 
 def run_cli(workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     cmd = [sys.executable, "-m", "train", *args, "--workdir", str(workdir)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.train.test_loop import REPO
+from tests.train.recipes import REPO, subprocess_env
 from train import config, distributed
 from train.config import ConfigError
 
@@ -40,7 +40,7 @@ def test_a_coordinator_without_a_process_count_is_one_error_line():
     since JAX refuses to initialise its runtime once this test process has a backend."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_"))}
     env["JAX_COORDINATOR_ADDRESS"] = "localhost:1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
     proc = subprocess.run(
         [sys.executable, "-m", "train", "run.steps=1"],
         cwd=REPO,

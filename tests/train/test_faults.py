@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -39,24 +38,15 @@ import sys
 import numpy as np
 import pytest
 
+from tests.train.recipes import REPO, subprocess_env, tiny_gpt
 from train import metrics
 
 pytestmark = pytest.mark.slow
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = pathlib.Path(__file__).with_name("fault_runner.py")
 STEPS, EVERY = 8, 2  # checkpoints at 2, 4, 6 and 8; retention keeps 3 (+ the best)
 OVERRIDES = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.seq_len=16",
-    "data.batch_size=16",
-    "data.max_bytes=200000",
-    "run.eval_batches=1",
-    f"run.steps={STEPS}",
-    f"run.eval_every={STEPS}",
-    "run.log_every=1",
+    *tiny_gpt(STEPS),
     f"checkpoint.every={EVERY}",
     "optimizer.warmup_steps=2",
 ]
@@ -77,8 +67,7 @@ class Runner:
 
     def __init__(self, cache_dir: pathlib.Path):
         self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **subprocess_env(),
             "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

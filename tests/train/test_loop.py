@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 import optim_jax
 from optim_jax.transforms import SophiaState
+from tests.train.recipes import REPO, subprocess_env, tiny_gpt
 from train import config, data, loop, metrics
 from train import step as step_lib
 from train.checkpoint import (
@@ -43,8 +44,6 @@ from train.checkpoint import (
     abstract_state,
 )
 from train.config import ConfigError
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A GPT small enough that a run of 8 steps takes seconds, big enough that every mesh axis splits
 # something (4 heads, MLP 256 wide, 256-entry vocabulary, 64-wide embeddings).
@@ -309,24 +308,8 @@ def test_cli_rerun_of_a_finished_workdir_prints_a_summary(runs, tmp_path, capsys
 def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_process(tmp_path):
     """``python -m train`` killed with SIGKILL after a mid-run checkpoint, then run again."""
     steps, every, kill_after = 60, 10, 20
-    overrides = [
-        "model.n_layers=1",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "model.seq_len=16",
-        "data.batch_size=16",
-        "data.max_bytes=200000",
-        "run.eval_batches=1",
-        f"run.steps={steps}",
-        f"run.eval_every={steps}",
-        "run.log_every=1",
-        f"checkpoint.every={every}",
-        "optimizer.warmup_steps=5",
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    overrides = [*tiny_gpt(steps), f"checkpoint.every={every}", "optimizer.warmup_steps=5"]
+    env = subprocess_env()
 
     def start(workdir: pathlib.Path) -> subprocess.Popen:
         log = open(workdir.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process

@@ -16,7 +16,6 @@ What is proved here:
 
 from __future__ import annotations
 
-import pathlib
 import statistics
 
 import jax
@@ -24,28 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.train.recipes import image_config
 from train import config, loop, loss_spikes, metrics
 from train.checkpoint import Checkpointer, abstract_state
 
-# The image recipe shrunk to seconds: an MLP on 16x16 shapes, float32 so that "bitwise" is
-# about our logic and not bf16 rounding, detection armed after 4 losses.
-RECIPE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "image_sgd_onecycle.yaml"
+# The image recipe shrunk to seconds, detection armed after 4 losses.
 SMALL = (
-    "model.kind=mlp",
     "model.hidden=32",
     "model.n_layers=2",
-    "data.batch_size=32",
     "run.steps=14",
     "run.log_every=1",
     "run.eval_every=14",
-    "run.eval_batches=1",
     "run.spike_window=4",
-    "precision.compute=float32",
 )
 
 
 def cfg_of(*overrides: str) -> config.Config:
-    return config.load(RECIPE, [*SMALL, *overrides])
+    return image_config(*SMALL, *overrides)
 
 
 def host(tree) -> list[np.ndarray]:

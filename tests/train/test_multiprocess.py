@@ -21,7 +21,6 @@ a timeout and killed in a ``finally`` if it outlives it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import re
 import shutil
@@ -35,9 +34,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.train.recipes import REPO, subprocess_env, tiny_gpt
 from train import config, loop, metrics
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +47,7 @@ LAUNCH_TIMEOUT_S = 300  # a 2-process run takes 20-50 s on a busy 2-core machine
 # The default recipe shrunk to a GPT that trains a step in milliseconds, in float32 so that the
 # comparison is tight; mesh data=2 x fsdp=4 puts each process's 4 devices on one `data` slice.
 OVERRIDES = (
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.seq_len=16",
-    "data.batch_size=16",
-    "data.max_bytes=200000",
-    f"run.steps={STEPS}",
-    "run.log_every=1",
-    f"run.eval_every={STEPS}",
-    "run.eval_batches=1",
+    *tiny_gpt(STEPS),
     "optimizer.warmup_steps=2",
     "precision.compute=float32",
     "mesh.data=2",
@@ -123,8 +112,7 @@ def start_two_processes(
     procs = []
     for process_id in range(2):
         env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **subprocess_env(),
             "JAX_PLATFORMS": "cpu",
             # 4 devices per process, 8 in the job (this test process itself has 8).
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

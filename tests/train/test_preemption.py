@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from tests.train.test_loop import REPO, assert_bitwise, losses_by_step
+from tests.train.recipes import REPO, subprocess_env, tiny_gpt
+from tests.train.test_loop import assert_bitwise, losses_by_step
 from tests.train.test_loss_spikes import cfg_of
 from train import distributed, loop
 from train.checkpoint import Checkpointer, abstract_state
@@ -74,25 +75,11 @@ def test_sigterm_in_fit_checkpoints_the_step_and_the_rerun_finishes_bitwise(monk
 @pytest.mark.slow
 def test_cli_exits_143_after_its_final_checkpoint(tmp_path):
     steps = 400  # far more than run before the signal: it must land mid-run
-    overrides = [
-        "model.n_layers=1",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "model.seq_len=16",
-        "data.batch_size=16",
-        "data.max_bytes=200000",
-        "run.eval_batches=1",
-        f"run.steps={steps}",
-        f"run.eval_every={steps}",
-        "run.log_every=1",
-        "checkpoint.every=3",
-    ]
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+    overrides = [*tiny_gpt(steps), "checkpoint.every=3"]
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "train", *overrides, "--workdir", str(workdir)]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         deadline = time.monotonic() + 180
