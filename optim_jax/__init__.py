@@ -57,13 +57,24 @@ from optim_jax.wrappers.hyperparams import (
     inject_hyperparams,
     set_hyperparam,
 )
+from optim_jax.wrappers.lookahead import LookaheadState, lookahead
 from optim_jax.wrappers.nonfinite import SkipNotFiniteState, nonfinite_skip_counts, skip_not_finite
+from optim_jax.wrappers.plateau import (
+    PlateauState,
+    observe_plateau,
+    plateau_scale,
+    reduce_on_plateau,
+)
+from optim_jax.wrappers.sam import SAMState, sam
 
 __all__ = [
     "AccumulationState",
     "ClipState",
     "DEFAULT_NO_DECAY_NAMES",
     "InjectHyperparamsState",
+    "LookaheadState",
+    "PlateauState",
+    "SAMState",
     "ScalarOrSchedule",
     "Schedule",
     "SkipNotFiniteState",
@@ -92,15 +103,20 @@ __all__ = [
     "layerwise_lr_scales",
     "linear",
     "lion",
+    "lookahead",
     "multistep_decay",
     "nonfinite_skip_counts",
+    "observe_plateau",
     "one_cycle",
     "one_cycle_momentum",
     "param_groups",
     "param_paths",
+    "plateau_scale",
     "polynomial_decay",
     "pre_clip_global_norm",
+    "reduce_on_plateau",
     "rmsprop",
+    "sam",
     "schedules",
     "set_hyperparam",
     "sgd",

@@ -1,5 +1,6 @@
 """Wrappers around whole optimizers: parameter groups, layer-wise LR decay, freezing,
-injectable hyperparameters, gradient accumulation and skipping non-finite updates."""
+injectable hyperparameters, gradient accumulation, skipping non-finite updates, SAM,
+Lookahead and reduce-on-plateau."""
 
 from optim_jax.wrappers.accumulation import (
     AccumulationState,
@@ -20,16 +21,27 @@ from optim_jax.wrappers.hyperparams import (
     inject_hyperparams,
     set_hyperparam,
 )
+from optim_jax.wrappers.lookahead import LookaheadState, lookahead
 from optim_jax.wrappers.nonfinite import (
     SkipNotFiniteState,
     nonfinite_skip_counts,
     skip_not_finite,
 )
+from optim_jax.wrappers.plateau import (
+    PlateauState,
+    observe_plateau,
+    plateau_scale,
+    reduce_on_plateau,
+)
+from optim_jax.wrappers.sam import SAMState, sam, sam_perturbation
 
 __all__ = [
     "AccumulationState",
     "DEFAULT_NO_DECAY_NAMES",
     "InjectHyperparamsState",
+    "LookaheadState",
+    "PlateauState",
+    "SAMState",
     "SkipNotFiniteState",
     "accumulate_gradients",
     "accumulation_step_applied",
@@ -38,9 +50,15 @@ __all__ = [
     "inject_hyperparams",
     "layerwise_lr_decay",
     "layerwise_lr_scales",
+    "lookahead",
     "nonfinite_skip_counts",
+    "observe_plateau",
     "param_groups",
     "param_paths",
+    "plateau_scale",
+    "reduce_on_plateau",
+    "sam",
+    "sam_perturbation",
     "set_hyperparam",
     "skip_not_finite",
 ]
