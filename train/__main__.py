@@ -10,35 +10,19 @@ devices, so the sharded code path is the one that runs.
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import signal
-import sys
+
+from train import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--config", type=pathlib.Path, help="a YAML recipe (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.steps=100")
-    parser.add_argument("--workdir", type=pathlib.Path, help="default: runs/<recipe name>")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="require a checkpoint in the workdir (resuming is automatic when one exists)",
+    parser = cli.recipe_parser(
+        "python -m train",
+        __doc__.split("\n\n")[1],
+        workdir_help="default: runs/<recipe name>",
+        resume_help="require a checkpoint in the workdir (resuming is automatic when one exists)",
     )
     return parser.parse_args(argv)
-
-
-def use_simulated_cpu_devices(count: int = 8) -> None:
-    """Gives the CPU backend ``count`` devices (harmless where an accelerator is the default).
-
-    Must run before JAX starts a backend; respects a device count the user set.
-    """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", count)
 
 
 def _fmt(value: float | None) -> str:
@@ -48,24 +32,16 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    use_simulated_cpu_devices()
+    cli.use_simulated_cpu_devices()
 
     from train import config as config_lib
     from train import distributed, loop
-    from train.checkpoint import CheckpointError
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("checkpoint.resume=require")
-    try:
-        cfg = config_lib.load(args.config, overrides)
+    with cli.user_errors():
+        cfg = config_lib.load(args.config, cli.overrides(args))
         distributed.maybe_initialize(cfg.run.distributed)
-        name = args.config.stem if args.config else "default"
-        workdir = args.workdir or pathlib.Path("runs") / name
+        workdir = args.workdir or cli.default_workdir(args.config)
         summary = loop.fit(cfg, workdir)
-    except (config_lib.ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     per = "token" if summary["unit"] == "tokens" else "example"
     print(
         f"train loss {_fmt(summary['first_train_loss'])} -> {_fmt(summary['last_train_loss'])}, "

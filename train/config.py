@@ -92,6 +92,13 @@ class ModelConfig:
     num_classes: int = 4
     channels: int = 32  # cnn: channels of the first stage, doubled at each further stage
     hidden: int = 128  # width of the dense hidden layer(s)
+    # Kernel initialisation (train/models/initializers.py): "default" keeps each model's own
+    # (gpt normal 0.02 + GPT-2 scaled residual, cnn/mlp He normal); or one of INITS for every
+    # dense and conv kernel, with ``init_mode`` (Kaiming's fan) and ``init_gain`` ("auto":
+    # linear for Xavier, the model's activation for Kaiming).
+    init: str = "default"
+    init_mode: str = "fan_in"
+    init_gain: str = "auto"
 
 
 # logical axis name -> mesh axis (None: replicated along that dimension)
@@ -145,6 +152,23 @@ class OptimizerConfig:
     # others keep the defaults. A group set to null is frozen.
     groups: dict = dataclasses.field(default_factory=dict)
     accumulation_steps: int = 1
+    # Wrappers (optim_jax.wrappers; README "Tuning and analysis"). SAM: the step's gradient is
+    # taken again at params + rho g/||g|| (a second forward/backward per step); 0 = off;
+    # sam_adaptive: ASAM's |w|-scaled neighbourhood. Lookahead: slow weights move
+    # lookahead_alpha of the way to the fast ones every lookahead_steps steps; 0 = off.
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    lookahead_steps: int = 0
+    lookahead_alpha: float = 0.5
+    # Reduce-on-plateau (torch ReduceLROnPlateau on the eval loss, mode min, relative
+    # threshold): after plateau_patience evaluations without a plateau_threshold relative gain,
+    # the learning rate is multiplied by plateau_factor (1.0 = off), not below plateau_min_scale
+    # times the schedule's, then plateau_cooldown evaluations are ignored.
+    plateau_factor: float = 1.0
+    plateau_patience: int = 10
+    plateau_threshold: float = 1e-4
+    plateau_cooldown: int = 0
+    plateau_min_scale: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +209,157 @@ class RunConfig:
     spike_window: int = 32
     max_rollbacks: int = 5
     distributed: str = "auto"  # "auto" (from the environment), "on", "off"
+    # Sharpness in the metrics (optim_jax.hessian): every ``sharpness_every`` steps (0: never),
+    # ``sharpness`` (top Hessian eigenvalue, Lanczos with ``sharpness_iters`` steps) and
+    # ``hessian_trace`` (Hutchinson, ``sharpness_iters`` probes) of that step's first micro-batch.
+    sharpness_every: int = 0
+    sharpness_iters: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PBTConfig:
+    """Population-based training (``python -m train.pbt``; Jaderberg et al. 2017).
+
+    ``population`` copies of the run train together; every ``interval`` steps the worst
+    ``quantile`` of them (by eval loss) copy the weights and optimizer state of a random member
+    of the best ``quantile`` (exploit) and multiply each searched hyperparameter by a factor
+    drawn from ``perturb`` (explore). ``hyperparams``: {``optimizer.learning_rate`` or
+    ``optimizer.options.<name>``: {``log_uniform`` or ``uniform``: [low, high]} (the initial
+    draw), optionally with ``min`` / ``max`` (bounds on explored values)}. ``exploit: false``
+    trains the same population without exploit/explore (the baseline). ``shard_population``:
+    members split over the mesh's ``data`` axis (each trains on the whole batch) instead of
+    every member data-parallel over it. ``seed``: the numpy RNG of draws and choices.
+    """
+
+    population: int = 4
+    interval: int = 10
+    quantile: float = 0.25
+    perturb: list = dataclasses.field(default_factory=lambda: [0.8, 1.25])
+    hyperparams: dict = dataclasses.field(
+        default_factory=lambda: {"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}}
+    )
+    exploit: bool = True
+    shard_population: bool = False
+    seed: int = 0
+
+
+PBT_DISTRIBUTIONS = ("log_uniform", "uniform")
+_PBT_SPEC_KEYS = frozenset((*PBT_DISTRIBUTIONS, "min", "max"))
+_PBT_KEY = re.compile(r"optimizer\.(learning_rate|options\.[A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRange:
+    """One entry of ``pbt.hyperparams``: initial values drawn from ``distribution`` over
+    [``low``, ``high``]; explored values clipped to [``minimum``, ``maximum``]."""
+
+    distribution: str
+    low: float
+    high: float
+    minimum: float = -math.inf
+    maximum: float = math.inf
+
+
+def _pbt_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{where}: {value!r} is beyond float32's range")
+    return float(value)
+
+
+def pbt_search_space(cfg: PBTConfig) -> dict[str, SearchRange]:
+    """``pbt.hyperparams`` checked: {dotted key: SearchRange}, or a ConfigError naming the key.
+
+    A key is dotted in YAML (``optimizer.learning_rate: {...}``) or nested, as an override
+    ``pbt.hyperparams.optimizer.learning_rate.log_uniform=[1e-3,1]`` writes it; entries for the
+    same key are merged, the later (the override) winning.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for name, value in node.items():
+            key = f"{prefix}.{name}" if prefix else str(name)
+            if isinstance(value, dict) and value and not _PBT_SPEC_KEYS & set(value):
+                walk(value, key)
+            elif isinstance(value, dict) and isinstance(flat.get(key), dict):
+                flat[key] = {**flat[key], **value}
+            else:
+                flat[key] = value
+
+    walk(cfg.hyperparams, "")
+    if not flat:
+        raise ConfigError("pbt.hyperparams is empty: name at least one hyperparameter to search")
+    space = {}
+    for key, spec in flat.items():
+        if not _PBT_KEY.fullmatch(key):
+            raise ConfigError(
+                f"pbt.hyperparams: {key!r:.80} cannot be searched; only optimizer.learning_rate "
+                "and optimizer.options.<name> can"
+            )
+        where = f"pbt.hyperparams.{key}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected {{log_uniform: [low, high]}}, got {spec!r:.80}")
+        unknown = sorted(str(k) for k in spec if k not in _PBT_SPEC_KEYS)
+        chosen = [name for name in PBT_DISTRIBUTIONS if name in spec]
+        if unknown or len(chosen) != 1:
+            raise ConfigError(
+                f"{where}: expected exactly one of {', '.join(PBT_DISTRIBUTIONS)} (and optional "
+                f"min, max), got keys {sorted(map(str, spec))}"
+            )
+        distribution, bounds = chosen[0], spec[chosen[0]]
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise ConfigError(f"{where}.{distribution}: expected [low, high], got {bounds!r:.80}")
+        low, high = (_pbt_number(f"{where}.{distribution}", b) for b in bounds)
+        minimum = _pbt_number(f"{where}.min", spec["min"]) if "min" in spec else -math.inf
+        maximum = _pbt_number(f"{where}.max", spec["max"]) if "max" in spec else math.inf
+        if not minimum <= low <= high <= maximum:
+            raise ConfigError(f"{where}: needs min <= low <= high <= max, got {spec!r:.80}")
+        if distribution == "log_uniform" and not low > 0:
+            raise ConfigError(f"{where}.log_uniform: low must be > 0, got {low}")
+        space[key] = SearchRange(distribution, low, high, minimum, maximum)
+    return space
+
+
+def _check_pbt(cfg: PBTConfig) -> None:
+    if not 0 < cfg.quantile <= 0.5:
+        raise ConfigError(f"pbt.quantile must be in (0, 0.5], got {cfg.quantile}")
+    if int(cfg.quantile * cfg.population) < 1:
+        raise ConfigError(
+            f"pbt.quantile={cfg.quantile} of pbt.population={cfg.population} replaces no member"
+        )
+    if not cfg.perturb:
+        raise ConfigError("pbt.perturb must list at least one factor, e.g. [0.8, 1.25]")
+    for index, factor in enumerate(cfg.perturb):
+        if not _pbt_number(f"pbt.perturb[{index}]", factor) > 0:
+            raise ConfigError(f"pbt.perturb[{index}] must be > 0, got {factor}")
+    pbt_search_space(cfg)
+
+
+SEARCH_SAMPLERS = ("tpe", "random")
+SEARCH_PRUNERS = ("median", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Bayesian hyperparameter search (``python -m train.search``, Optuna).
+
+    ``space``: {dotted config key: {``log_uniform`` | ``uniform`` | ``int`` | ``log_int``:
+    [low, high]} or {``categorical``: [choices]}}, checked by ``train.search.search_space``.
+    ``trials``: the finished trials the study should hold (a rerun runs only the missing
+    ones: raise it to add more). ``sampler``: ``tpe`` or ``random``, seeded by ``seed``.
+    ``pruner``: ``median`` (stop a trial whose eval loss is above the median of earlier
+    trials' at the same step) or ``none``. ``storage``: an Optuna database URL; null:
+    ``sqlite:///<workdir>/search.db``.
+    """
+
+    space: dict = dataclasses.field(default_factory=dict)
+    trials: int = 20
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: str | None = None
+    study_name: str = "search"
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +371,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    pbt: PBTConfig = dataclasses.field(default_factory=PBTConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -232,6 +409,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is dict and isinstance(value, dict):
         return dict(value)
+    if tp is list and isinstance(value, list):
+        return list(value)
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -311,6 +490,9 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> C
 
 
 SPIKE_POLICIES = ("warn", "skip", "rollback")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+INIT_MODES = ("fan_in", "fan_out")
+INIT_GAINS = ("auto", "linear", "relu", "gelu")
 
 # (dotted key, smallest allowed value): counts and cadences whose zero or negative values
 # would fail deep inside a run (division by zero, a stop at the first evaluation).
@@ -322,11 +504,16 @@ _MINIMUMS = (
     ("run.patience", 0),
     ("run.spike_window", 1),
     ("run.max_rollbacks", 0),
+    ("run.sharpness_every", 0),
+    ("run.sharpness_iters", 2),  # a standard error needs two probes
     ("checkpoint.every", 0),
     ("checkpoint.keep", 1),
     ("precision.growth_interval", 1),
     ("optimizer.warmup_steps", 0),
     ("optimizer.accumulation_steps", 1),
+    ("optimizer.lookahead_steps", 0),
+    ("optimizer.plateau_patience", 0),
+    ("optimizer.plateau_cooldown", 0),
     ("data.batch_size", 1),
     ("model.n_layers", 1),
     ("model.n_heads", 1),
@@ -335,6 +522,9 @@ _MINIMUMS = (
     ("model.vocab_size", 1),
     ("model.mlp_ratio", 1),
     ("data.max_bytes", 1),
+    ("pbt.population", 2),
+    ("pbt.interval", 1),
+    ("search.trials", 1),
 )
 
 
@@ -348,11 +538,45 @@ def _check_ranges(config: Config) -> None:
         value = getattr(config.run, key)
         if not value > 1:
             raise ConfigError(f"run.{key} must be > 1, got {value}")
+    for key, choices in (("init", INITS), ("init_mode", INIT_MODES), ("init_gain", INIT_GAINS)):
+        if getattr(config.model, key) not in choices:
+            raise ConfigError(
+                f"model.{key} must be one of {', '.join(choices)}, "
+                f"got {getattr(config.model, key)!r}"
+            )
     if config.run.spike_policy not in SPIKE_POLICIES:
         raise ConfigError(
             f"run.spike_policy must be one of {', '.join(SPIKE_POLICIES)}, "
             f"got {config.run.spike_policy!r}"
         )
+    _check_pbt(config.pbt)
+    for key, choices in (("sampler", SEARCH_SAMPLERS), ("pruner", SEARCH_PRUNERS)):
+        if getattr(config.search, key) not in choices:
+            raise ConfigError(
+                f"search.{key} must be one of {', '.join(choices)}, "
+                f"got {getattr(config.search, key)!r}"
+            )
+    _check_tuning_wrappers(config.optimizer)
+
+
+# (key, low, high, low inclusive, high inclusive) of the optimizer wrappers' float settings.
+_WRAPPER_RANGES = (
+    ("sam_rho", 0.0, math.inf, True, False),
+    ("lookahead_alpha", 0.0, 1.0, False, True),
+    ("plateau_factor", 0.0, 1.0, False, True),
+    ("plateau_threshold", 0.0, 1.0, True, False),
+    ("plateau_min_scale", 0.0, 1.0, True, True),
+)
+
+
+def _check_tuning_wrappers(cfg: OptimizerConfig) -> None:
+    for name, low, high, low_in, high_in in _WRAPPER_RANGES:
+        value = getattr(cfg, name)
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"optimizer.{name} must be in {interval}, got {value}")
 
 
 def to_dict(config: Config) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data, distributed, loss_spikes, metrics, precision
+import optim_jax
+from train import data, diagnostics, distributed, loss_spikes, metrics, precision
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, NoCheckpointError, abstract_state
 from train.config import Config, ConfigError, to_dict
@@ -381,12 +383,23 @@ def _roll_back(
     return restored_step, state
 
 
+def _plateau_observer(setup: Setup) -> Any:
+    """With ``optimizer.plateau_factor < 1``: a jitted ``(opt_state, eval_loss) -> opt_state``
+    stepping reduce-on-plateau (:func:`optim_jax.observe_plateau`); the optimizer state
+    keeps its shardings and is donated (only a few scalars change). None when off."""
+    if setup.cfg.optimizer.plateau_factor >= 1:
+        return None
+    shardings = setup.state_shardings.opt_state
+    return jax.jit(optim_jax.observe_plateau, out_shardings=shardings, donate_argnums=0)
+
+
 def fit(
     cfg: Config,
     workdir: str | pathlib.Path,
     *,
     progress: bool = True,
     stop_after: int | None = None,
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> dict[str, Any]:
     """Trains ``cfg`` in ``workdir`` (resuming from its newest checkpoint) and returns a summary.
 
@@ -395,6 +408,10 @@ def fit(
     ``run.steps`` with the same schedule and data. A SIGTERM (a preemption)
     ends it the same way at the next step boundary, every process at the same
     step, with ``summary["preempted"]`` set.
+
+    ``on_eval(step, record)`` is called after each evaluation with the logged
+    record (``eval_loss`` ...); returning True ends the run there, cleanly (a
+    final checkpoint, ``summary["stopped"]`` set): how a search prunes a trial.
     """
     workdir = pathlib.Path(workdir)
     setup = build(cfg)
@@ -414,7 +431,14 @@ def fit(
     logger = _Logger(setup, workdir, start_step, is_primary)
     initial = eval_metrics(setup, state.params)
     best_eval, evals_without_gain, stopped, preempted = initial["loss"], 0, None, False
+    nonfinite_first = None  # the diagnosis of the first logged non-finite step
     watch_spikes = cfg.run.spike_policy == "rollback"
+    observe_plateau = _plateau_observer(setup)  # None unless optimizer.plateau_factor < 1
+    sharpness = None
+    if cfg.run.sharpness_every:
+        from train.landscape import make_sharpness  # imports this module: no cycle this way
+
+        sharpness = make_sharpness(setup)  # its own jitted function, outside the train step
     bar = tqdm(
         initial=start_step,
         total=cfg.run.steps,
@@ -446,6 +470,13 @@ def fit(
             if done % cfg.run.log_every == 0 or last:
                 evaluate_now = done % cfg.run.eval_every == 0 or last
                 record = logger.log(done, state, step_metrics, evaluate_now)
+                if not record["finite"] and nonfinite_first is None:
+                    # Once per run: a forward/backward with every module checked. The step
+                    # was skipped, so state.params are the ones that met this batch.
+                    report = diagnostics.diagnose_step(setup, state.params, batch)
+                    nonfinite_first = report.message()
+                    if is_primary:
+                        tqdm.write(f"warning: step {done}: {nonfinite_first}")
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
                     lr=f"{record['learning_rate']:.2e}",
@@ -453,11 +484,21 @@ def fit(
                     **{logger.rate_label: f"{record[logger.rate_key]:,.0f}"},
                 )
                 eval_loss = record.get("eval_loss")
+            if sharpness is not None and done % cfg.run.sharpness_every == 0:
+                # A record of its own for this step: read_metrics merges it with the step's.
+                started = time.perf_counter()
+                logger.writer.write(done, sharpness(state.params, batch, done))
+                # Not training time: kept out of the step_time and throughput of the window.
+                logger.window_start += time.perf_counter() - started
+            if eval_loss is not None and observe_plateau is not None:
+                state = state._replace(opt_state=observe_plateau(state.opt_state, eval_loss))
             if eval_loss is not None:
                 evals_without_gain = 0 if eval_loss < best_eval else evals_without_gain + 1
                 best_eval = min(best_eval, eval_loss)
                 if cfg.run.patience and evals_without_gain >= cfg.run.patience:
                     stopped = f"early stop: no eval gain in {cfg.run.patience} evaluations"
+                if on_eval is not None and on_eval(done, record):
+                    stopped = f"stopped after step {done} by the evaluation callback"
             if stop_after is not None and done >= stop_after:
                 stopped = f"stopped after step {done} as asked; the next run resumes here"
             # Every process must ask at every step; the count of calls only grows, also
@@ -495,6 +536,7 @@ def fit(
         "rollbacks": position.rollbacks,
         "stopped": stopped,
         "preempted": preempted,  # stopped by SIGTERM: the caller should exit so it is requeued
+        "nonfinite_first": nonfinite_first,  # where the first logged non-finite step broke
         "state": state,
         "config": to_dict(cfg),
     }

@@ -176,7 +176,8 @@ def make_optimizer(
     schedule: optim_jax.Schedule,
     momentum: optim_jax.Schedule | None = None,
 ) -> optax.GradientTransformation:
-    """``clip_by_global_norm`` (if set), then the named optimizer: one, or one per group.
+    """``clip_by_global_norm`` (if set), then the named optimizer: one, or one per group;
+    wrapped by :func:`with_tuning_wrappers` (plateau, SAM, Lookahead) when configured.
 
     ``momentum``: the schedule of :func:`make_momentum_schedule`, required when
     ``optimizer.cycle_momentum`` is on.
@@ -194,7 +195,35 @@ def make_optimizer(
     else:
         tx = _build(cfg, schedule, cfg.options, "optimizer.options")
     if cfg.clip_norm is None:
-        return tx
+        return with_tuning_wrappers(cfg, tx)
     if not cfg.clip_norm > 0:
         raise ConfigError(f"optimizer.clip_norm must be > 0 or null, got {cfg.clip_norm}")
-    return optax.chain(optim_jax.clip_by_global_norm(cfg.clip_norm), tx)
+    return with_tuning_wrappers(cfg, optax.chain(optim_jax.clip_by_global_norm(cfg.clip_norm), tx))
+
+
+def with_tuning_wrappers(
+    cfg: OptimizerConfig, tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """``tx`` inside reduce-on-plateau, SAM and Lookahead, each only when the config asks.
+
+    Innermost first: the plateau scale multiplies ``tx``'s updates (so it scales the
+    learning rate, as torch's scheduler does); SAM runs the whole optimizer (clipping
+    included) on the gradient at the perturbed point, which the train step supplies as
+    ``grad_fn``; Lookahead's fast weights take those SAM steps.
+    """
+    if cfg.plateau_factor < 1:
+        tx = optax.chain(
+            tx,
+            optim_jax.reduce_on_plateau(
+                cfg.plateau_factor,
+                cfg.plateau_patience,
+                cfg.plateau_threshold,
+                cfg.plateau_cooldown,
+                cfg.plateau_min_scale,
+            ),
+        )
+    if cfg.sam_rho > 0:
+        tx = optim_jax.sam(tx, cfg.sam_rho, cfg.sam_adaptive)
+    if cfg.lookahead_steps > 0:
+        tx = optim_jax.lookahead(tx, cfg.lookahead_steps, cfg.lookahead_alpha)
+    return tx

@@ -4,8 +4,10 @@ One step, as data: float32 master params -> model in the compute dtype (layers
 cast their float32 params) -> loss in float32, times the loss scale ->
 gradients (float32, since the params are) summed over micro-batches -> divided
 by scale x micro-batches -> finite check and loss-spike check -> optimizer
-update -> new params and state, or the old ones when a gradient was not finite
-or the policy discards a loss spike (skipped and counted).
+update (with SAM, a second forward/backward over the same micro-batches at the
+perturbed params, through the optimizer's ``grad_fn``) -> new params and state,
+or the old ones when a gradient was not finite or the policy discards a loss
+spike (skipped and counted).
 """
 
 from __future__ import annotations
@@ -123,28 +125,47 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         scale = state.loss_scale.scale
-
-        def accumulate(grad_sum, micro_batch):
-            grads, loss = grad_fn(state.params, micro_batch, scale)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
         first_micro_batch = jax.tree.map(lambda x: x[0], batch)
-        if accumulation_steps == 1:
-            # No loop for one micro-batch: XLA:CPU runs convolutions inside a while loop
-            # (which lax.scan always emits, even unrolled) about 30x slower.
-            grad_sum, loss = grad_fn(state.params, first_micro_batch, scale)
-            losses = loss[None]
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
-        grads = jax.tree.map(lambda g: g / (scale * accumulation_steps), grad_sum)
+        # Read from the state's structure when tracing: optimizer.sam_rho > 0 and
+        # optimizer.plateau_factor < 1 (train.optimizer.with_tuning_wrappers).
+        uses_sam = bool(optim_jax.base.find_states(state.opt_state, optim_jax.SAMState))
+        plateaus = optim_jax.base.find_states(state.opt_state, optim_jax.PlateauState)
+        # The factor reduce-on-plateau multiplies this step's learning rate by.
+        lr_scale = plateaus[0].scale if plateaus else 1.0
+
+        def batch_gradient(params):
+            """The gradient at ``params`` summed over the micro-batches, then unscaled and
+            averaged; and the micro-batches' losses."""
+
+            def accumulate(grad_sum, micro_batch):
+                grads, loss = grad_fn(params, micro_batch, scale)
+                return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+            if accumulation_steps == 1:
+                # No loop for one micro-batch: XLA:CPU runs convolutions inside a while loop
+                # (which lax.scan always emits, even unrolled) about 30x slower.
+                grad_sum, loss = grad_fn(params, first_micro_batch, scale)
+                losses = loss[None]
+            else:
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                grad_sum, losses = jax.lax.scan(accumulate, zeros, batch)
+            return jax.tree.map(lambda g: g / (scale * accumulation_steps), grad_sum), losses
+
+        grads, losses = batch_gradient(state.params)
         grads_finite = optim_jax.base.all_finite(grads)
         loss = jnp.mean(losses)
         spike, loss_watch = loss_spikes.watch_loss(spike_rule, state.loss_watch, loss)
         apply = grads_finite & ~(spike & spike_rule.discard)
-        updates, new_opt_state = tx.update(
-            grads, state.opt_state, state.params, **hessian_diag(state, first_micro_batch)
-        )
+        extra_args = hessian_diag(state, first_micro_batch)
+        if uses_sam:
+            # SAM's second forward/backward pass: the same micro-batches at the perturbed params.
+            extra_args["grad_fn"] = lambda params: batch_gradient(params)[0]
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
+        if uses_sam:
+            # The gradient at the perturbed point can overflow where the first did not: the
+            # step is then skipped and counted like a non-finite gradient.
+            grads_finite = grads_finite & optim_jax.base.all_finite(updates)
+            apply = grads_finite & ~(spike & spike_rule.discard)
         new_params = optax.apply_updates(state.params, updates)
 
         def keep_if_applied(new, old):
@@ -162,11 +183,13 @@ def make_train_step(
             "loss": loss,
             "grad_norm": _grad_norm(grads, new_opt_state),
             # The optimizer's count advances only on applied updates, so does its schedule.
-            "learning_rate": learning_rate(state.step - state.skipped),
+            "learning_rate": learning_rate(state.step - state.skipped) * lr_scale,
             "loss_scale": scale,
             "finite": grads_finite,
             "spike": spike,
         }
+        if plateaus:
+            metrics["lr_scale"] = lr_scale
         return new_state, metrics
 
     return train_step

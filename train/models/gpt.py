@@ -3,7 +3,8 @@
 Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
 ``mlp``); ``train/mesh.py`` maps them onto the device mesh. Residual output
 projections start with standard deviation ``0.02 / sqrt(2 * n_layers)`` (GPT-2's
-scaled residual initialisation), every other kernel with 0.02.
+scaled residual initialisation), every other kernel with 0.02; ``model.init`` other than
+``default`` gives every kernel that initialiser instead (train/models/initializers.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ from flax import nnx
 
 from train import mesh as mesh_lib
 from train.config import ConfigError, ModelConfig
+from train.models import initializers
 
 INIT_STD = 0.02
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
     return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+
+
+def _kernel(cfg: ModelConfig, std: float, axes: tuple[str | None, ...]):
+    """A matmul kernel's initialiser: normal ``std`` under ``model.init=default``, else the
+    chosen one (embeddings are lookups, not matmuls, and keep normal 0.02 either way)."""
+    chosen = initializers.make(cfg.init, cfg.init_mode, cfg.init_gain, activation="gelu")
+    return _init(std, axes) if chosen is None else nnx.with_partitioning(chosen, axes)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -37,7 +46,7 @@ class CausalSelfAttention(nnx.Module):
             return nnx.LinearGeneral(
                 cfg.d_model,
                 shape,
-                kernel_init=_init(INIT_STD, ("embed", "heads", "kv")),
+                kernel_init=_kernel(cfg, INIT_STD, ("embed", "heads", "kv")),
                 bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("heads", "kv")),
                 dtype=dtype,
                 param_dtype=jnp.float32,
@@ -49,7 +58,7 @@ class CausalSelfAttention(nnx.Module):
             shape,
             cfg.d_model,
             axis=(-2, -1),
-            kernel_init=_init(residual_std, ("heads", "kv", "embed")),
+            kernel_init=_kernel(cfg, residual_std, ("heads", "kv", "embed")),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
             dtype=dtype,
             param_dtype=jnp.float32,
@@ -76,14 +85,14 @@ class Mlp(nnx.Module):
         self.up = nnx.Linear(
             cfg.d_model,
             hidden,
-            kernel_init=_init(INIT_STD, ("embed", "mlp")),
+            kernel_init=_kernel(cfg, INIT_STD, ("embed", "mlp")),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp",)),
             **common,
         )
         self.down = nnx.Linear(
             hidden,
             cfg.d_model,
-            kernel_init=_init(residual_std, ("mlp", "embed")),
+            kernel_init=_kernel(cfg, residual_std, ("mlp", "embed")),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)),
             **common,
         )
@@ -161,7 +170,7 @@ class GPT(nnx.Module):
             cfg.d_model,
             cfg.vocab_size,
             use_bias=False,
-            kernel_init=_init(INIT_STD, ("embed", "vocab")),
+            kernel_init=_kernel(cfg, INIT_STD, ("embed", "vocab")),
             dtype=dtype,
             param_dtype=jnp.float32,
             rngs=rngs,
