@@ -277,9 +277,18 @@ def evaluate(setup: Setup, params: Any) -> float:
 
 
 class _Logger:
-    """Turns a step's device metrics into a logged record: throughput, MFU, spikes, eval."""
+    """What the run reports after each step: the logged record (throughput, MFU, spikes,
+    evaluation), warnings, the progress bar, and on request sharpness and the first
+    non-finite step's diagnosis. Only process 0 writes or prints."""
 
-    def __init__(self, setup: Setup, workdir: pathlib.Path, start_step: int, is_primary: bool):
+    def __init__(
+        self,
+        setup: Setup,
+        workdir: pathlib.Path,
+        start_step: int,
+        is_primary: bool,
+        progress: bool,
+    ):
         cfg = setup.cfg
         self.setup = setup
         self.writer = metrics.MetricsWriter(workdir, start_step=start_step, enabled=is_primary)
@@ -294,12 +303,69 @@ class _Logger:
         self.is_primary = is_primary
         self.first_loss = self.last_loss = None
         self.spikes_logged = 0
+        self.nonfinite_first = None  # the diagnosis of the first logged non-finite step
+        self.sharpness = None
+        if cfg.run.sharpness_every:
+            from train.landscape import make_sharpness  # imports this module: no cycle this way
+
+            self.sharpness = make_sharpness(setup)  # its own jitted function, not in the step
+        self.bar = tqdm(
+            initial=start_step,
+            total=cfg.run.steps,
+            desc="train",
+            unit="step",
+            disable=not (progress and is_primary),
+            mininterval=0.5,
+        )
         self.restart_clock()
 
     def restart_clock(self) -> None:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def log(self, step: int, state: TrainState, step_metrics: dict, evaluate_now: bool) -> dict:
+    def warn(self, message: str) -> None:
+        if self.is_primary:
+            tqdm.write(message)
+
+    def step_done(
+        self, step: int, state: TrainState, step_metrics: dict, batch: dict
+    ) -> dict | None:
+        """After training step ``step`` (counted from 1): the logged record on a logging step
+        (with ``eval_*`` on an evaluation step), None on the others."""
+        run = self.setup.cfg.run
+        self.window_steps += 1
+        last = step == run.steps
+        record = None
+        if step % run.log_every == 0 or last:
+            record = self._log(step, state, step_metrics, step % run.eval_every == 0 or last)
+            if not record["finite"] and self.nonfinite_first is None:
+                # Once per run: a forward/backward with every module checked. The step was
+                # skipped, so state.params are the ones that met this batch.
+                report = diagnostics.diagnose_step(self.setup, state.params, batch)
+                self.nonfinite_first = report.message()
+                self.warn(f"warning: step {step}: {self.nonfinite_first}")
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                lr=f"{record['learning_rate']:.2e}",
+                grad_norm=f"{record['grad_norm']:.2f}",
+                **{self.rate_label: f"{record[self.rate_key]:,.0f}"},
+            )
+        if self.sharpness is not None and step % run.sharpness_every == 0:
+            # A record of its own for this step: read_metrics merges it with the step's.
+            started = time.perf_counter()
+            self.writer.write(step, self.sharpness(state.params, batch, step))
+            # Not training time: kept out of the step_time and throughput of the window.
+            self.window_start += time.perf_counter() - started
+        self.bar.update(1)
+        return record
+
+    def rewind(self, step: int) -> None:
+        """The run goes on from the state after ``step`` (a rollback)."""
+        self.writer.restart(step)
+        self.restart_clock()
+        self.bar.n = step
+        self.bar.refresh()
+
+    def _log(self, step: int, state: TrainState, step_metrics: dict, evaluate_now: bool) -> dict:
         record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - self.window_start
         record["step_time"] = elapsed / self.window_steps
@@ -318,8 +384,7 @@ class _Logger:
             )
         self.spikes_logged = spikes
         for warning in filter(None, warnings):
-            if self.is_primary:
-                tqdm.write(warning)
+            self.warn(warning)
         if evaluate_now:
             for key, value in eval_metrics(self.setup, state.params).items():
                 record[f"eval_{key}"] = value
@@ -328,6 +393,54 @@ class _Logger:
         self.writer.write(step, record)
         self.restart_clock()
         return record
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+class _StopRule:
+    """Why a session ends before ``run.steps``: no eval gain for ``run.patience`` evaluations,
+    the ``on_eval`` callback, ``stop_after``, or a preemption. :meth:`check` must run after
+    every step, on every process (the preemption service needs each step)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        initial_eval_loss: float,
+        stop_after: int | None,
+        on_eval: Callable[[int, dict[str, float]], bool] | None,
+    ):
+        self.patience = cfg.run.patience
+        self.best_eval, self.evals_without_gain = initial_eval_loss, 0
+        self.stop_after, self.on_eval = stop_after, on_eval
+        self.preemption = distributed.Preemption()
+        self.preempted = False
+        self.calls = 0
+
+    def check(self, step: int, record: dict | None) -> str | None:
+        """After step ``step``: the reason to stop there, or None."""
+        stopped = None
+        eval_loss = None if record is None else record.get("eval_loss")
+        if eval_loss is not None:
+            gain = eval_loss < self.best_eval
+            self.evals_without_gain = 0 if gain else self.evals_without_gain + 1
+            self.best_eval = min(self.best_eval, eval_loss)
+            if self.patience and self.evals_without_gain >= self.patience:
+                stopped = f"early stop: no eval gain in {self.patience} evaluations"
+            if self.on_eval is not None and self.on_eval(step, record):
+                stopped = f"stopped after step {step} by the evaluation callback"
+        if self.stop_after is not None and step >= self.stop_after:
+            stopped = f"stopped after step {step} as asked; the next run resumes here"
+        # The preemption service wants a count that only grows, also across a rollback.
+        self.calls += 1
+        if self.preemption.reached(self.calls):
+            self.preempted = True
+            stopped = f"preempted (SIGTERM) after step {step}; checkpointed, rerun to resume"
+        return stopped
+
+    def close(self) -> None:
+        self.preemption.close()
 
 
 @dataclasses.dataclass
@@ -428,97 +541,39 @@ def fit(
         tqdm.write(f"resumed from {checkpointer.step_path(start_step)}")
 
     is_primary = jax.process_index() == 0
-    logger = _Logger(setup, workdir, start_step, is_primary)
     initial = eval_metrics(setup, state.params)
-    best_eval, evals_without_gain, stopped, preempted = initial["loss"], 0, None, False
-    nonfinite_first = None  # the diagnosis of the first logged non-finite step
-    watch_spikes = cfg.run.spike_policy == "rollback"
     observe_plateau = _plateau_observer(setup)  # None unless optimizer.plateau_factor < 1
-    sharpness = None
-    if cfg.run.sharpness_every:
-        from train.landscape import make_sharpness  # imports this module: no cycle this way
-
-        sharpness = make_sharpness(setup)  # its own jitted function, outside the train step
-    bar = tqdm(
-        initial=start_step,
-        total=cfg.run.steps,
-        desc="train",
-        unit="step",
-        disable=not (progress and is_primary),
-        mininterval=0.5,
-    )
-    preemption = distributed.Preemption()
+    logger = _Logger(setup, workdir, start_step, is_primary, progress)
+    stop_rule = _StopRule(cfg, initial["loss"], stop_after, on_eval)
+    stopped = None
     try:
-        step, calls = start_step, 0
+        step = start_step
         while step < cfg.run.steps:
             batch = train_batch(setup, step + position.offset)
             state, step_metrics = setup.train_step(state, batch)
-            calls += 1
             # A host read each step (a sync), so only for the policy that acts on the host.
-            if watch_spikes and bool(step_metrics["spike"]):
+            if cfg.run.spike_policy == "rollback" and bool(step_metrics["spike"]):
                 rolled_back = _roll_back(cfg, checkpointer, target, step, position)
                 if rolled_back is not None:
                     step, state = rolled_back
-                    logger.writer.restart(step)
-                    logger.restart_clock()
-                    bar.n = step
-                    bar.refresh()
+                    logger.rewind(step)
                     continue
-            logger.window_steps += 1
-            done, last = step + 1, step + 1 == cfg.run.steps
-            eval_loss = None
-            if done % cfg.run.log_every == 0 or last:
-                evaluate_now = done % cfg.run.eval_every == 0 or last
-                record = logger.log(done, state, step_metrics, evaluate_now)
-                if not record["finite"] and nonfinite_first is None:
-                    # Once per run: a forward/backward with every module checked. The step
-                    # was skipped, so state.params are the ones that met this batch.
-                    report = diagnostics.diagnose_step(setup, state.params, batch)
-                    nonfinite_first = report.message()
-                    if is_primary:
-                        tqdm.write(f"warning: step {done}: {nonfinite_first}")
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    lr=f"{record['learning_rate']:.2e}",
-                    grad_norm=f"{record['grad_norm']:.2f}",
-                    **{logger.rate_label: f"{record[logger.rate_key]:,.0f}"},
-                )
-                eval_loss = record.get("eval_loss")
-            if sharpness is not None and done % cfg.run.sharpness_every == 0:
-                # A record of its own for this step: read_metrics merges it with the step's.
-                started = time.perf_counter()
-                logger.writer.write(done, sharpness(state.params, batch, done))
-                # Not training time: kept out of the step_time and throughput of the window.
-                logger.window_start += time.perf_counter() - started
+            step += 1
+            record = logger.step_done(step, state, step_metrics, batch)
+            eval_loss = None if record is None else record.get("eval_loss")
             if eval_loss is not None and observe_plateau is not None:
                 state = state._replace(opt_state=observe_plateau(state.opt_state, eval_loss))
-            if eval_loss is not None:
-                evals_without_gain = 0 if eval_loss < best_eval else evals_without_gain + 1
-                best_eval = min(best_eval, eval_loss)
-                if cfg.run.patience and evals_without_gain >= cfg.run.patience:
-                    stopped = f"early stop: no eval gain in {cfg.run.patience} evaluations"
-                if on_eval is not None and on_eval(done, record):
-                    stopped = f"stopped after step {done} by the evaluation callback"
-            if stop_after is not None and done >= stop_after:
-                stopped = f"stopped after step {done} as asked; the next run resumes here"
-            # Every process must ask at every step; the count of calls only grows, also
-            # across a rollback, as the preemption service needs.
-            if preemption.reached(start_step + calls):
-                preempted = True
-                stopped = f"preempted (SIGTERM) after step {done}; checkpointed, rerun to resume"
-            final = last or stopped is not None
+            stopped = stop_rule.check(step, record)
+            final = step == cfg.run.steps or stopped is not None
             meta = {"data": data_spec, **position.meta()}
-            checkpointer.save(done, state, meta, eval_loss=eval_loss, force=final)
-            bar.update(1)
-            step = done
+            checkpointer.save(step, state, meta, eval_loss=eval_loss, force=final)
             if stopped:
-                tqdm.write(stopped)
+                tqdm.write(stopped)  # on every process: each one's log says why it ended
                 break
     finally:
-        preemption.close()
-        bar.close()
+        stop_rule.close()
+        logger.close()
     checkpointer.close()
-    logger.writer.close()
     if is_primary:
         metrics.plot(workdir)
     ending = eval_metrics(setup, state.params)
@@ -535,8 +590,8 @@ def fit(
         "loss_spikes": int(state.loss_watch.spikes),
         "rollbacks": position.rollbacks,
         "stopped": stopped,
-        "preempted": preempted,  # stopped by SIGTERM: the caller should exit so it is requeued
-        "nonfinite_first": nonfinite_first,  # where the first logged non-finite step broke
+        "preempted": stop_rule.preempted,  # by SIGTERM: the caller should exit to be requeued
+        "nonfinite_first": logger.nonfinite_first,  # where the first logged non-finite step broke
         "state": state,
         "config": to_dict(cfg),
     }
