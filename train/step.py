@@ -160,28 +160,44 @@ def make_train_step(
         if uses_sam:
             # SAM's second forward/backward pass: the same micro-batches at the perturbed params.
             extra_args["grad_fn"] = lambda params: batch_gradient(params)[0]
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
+
+        def update():
+            updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
+            new_params = optax.apply_updates(state.params, updates)
+            return new_params, new_opt_state, _grad_norm(grads, new_opt_state), updates
+
         if uses_sam:
-            # The gradient at the perturbed point can overflow where the first did not: the
-            # step is then skipped and counted like a non-finite gradient.
+            # The gradient at the perturbed point can overflow where the first did not, which
+            # shows only after the update: the step is then skipped and counted like a
+            # non-finite gradient, by selecting the old state.
+            new_params, new_opt_state, grad_norm, updates = update()
             grads_finite = grads_finite & optim_jax.base.all_finite(updates)
             apply = grads_finite & ~(spike & spike_rule.discard)
-        new_params = optax.apply_updates(state.params, updates)
-
-        def keep_if_applied(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+            new_params, new_opt_state = jax.tree.map(
+                lambda a, b: jnp.where(apply, a, b),
+                (new_params, new_opt_state),
+                (state.params, state.opt_state),
+            )
+        else:
+            # Only the branch taken runs: a skipped step makes no optimizer pass, and an
+            # applied one writes params and state once, with no select over them after.
+            new_params, new_opt_state, grad_norm = jax.lax.cond(
+                apply,
+                lambda: update()[:3],
+                lambda: (state.params, state.opt_state, optim_jax.base.global_norm(grads)),
+            )
 
         new_state = TrainState(
             step=state.step + 1,
-            params=keep_if_applied(new_params, state.params),
-            opt_state=keep_if_applied(new_opt_state, state.opt_state),
+            params=new_params,
+            opt_state=new_opt_state,
             loss_scale=precision.next_loss_scale(precision_cfg, state.loss_scale, grads_finite),
             skipped=state.skipped + jnp.where(apply, 0, 1).astype(jnp.int32),
             loss_watch=loss_watch,
         )
         metrics = {
             "loss": loss,
-            "grad_norm": _grad_norm(grads, new_opt_state),
+            "grad_norm": grad_norm,
             # The optimizer's count advances only on applied updates, so does its schedule.
             "learning_rate": learning_rate(state.step - state.skipped) * lr_scale,
             "loss_scale": scale,
