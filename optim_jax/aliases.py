@@ -310,6 +310,7 @@ def sophia(
     weight_decay: base.ScalarOrSchedule = 0.1,
     update_interval: int = 10,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia (Liu et al. 2023) with the official SophiaG code's defaults.
 
@@ -331,9 +332,14 @@ def sophia(
     ``update_interval`` = 10 (github.com/Liuhong99/Sophia). ``mask`` excludes
     leaves from the decay. The chain accepts extra keyword arguments, so
     ``tx.update(grads, state, params, hessian_diag=h)`` reaches the Sophia step.
+
+    ``moment_dtype`` stores ``m`` and ``h`` in fewer bytes: ``"bfloat16"`` or
+    ``"int8"`` (8-bit block-wise, Dettmers et al. 2022, with the signed code book
+    for both: ``h`` can be negative); see :mod:`optim_jax.quantization`. None
+    keeps the parameter's dtype.
     """
     return chain_present(
-        scale_by_sophia(b1, b2, gamma, eps, update_interval),
+        scale_by_sophia(b1, b2, gamma, eps, update_interval, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -352,6 +358,7 @@ def adafactor(
     min_dim_size_to_factor: int = 0,
     factored: bool = True,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adafactor (Shazeer & Stern 2018) with Hugging Face ``transformers.Adafactor``'s defaults.
 
@@ -404,6 +411,12 @@ def adafactor(
       step ``min(1e-2, 1/sqrt(t))`` by default, multiplied by 0.05 when
       ``multiply_by_parameter_scale=False`` (HF and this function do not);
       ``min_dim_size_to_factor=32``; ``beta1=0``; no weight decay.
+
+    ``moment_dtype`` stores the first moment (``b1``) and the full second moment
+    of unfactored leaves in fewer bytes: ``"bfloat16"`` or ``"int8"`` (8-bit
+    block-wise, Dettmers et al. 2022); see :mod:`optim_jax.quantization`. The
+    factored row and column statistics stay float32 (O(n + m) per matrix). None
+    keeps the default dtypes.
     """
     return optax.chain(
         scale_by_adafactor(
@@ -419,6 +432,7 @@ def adafactor(
             min_dim_size_to_factor=min_dim_size_to_factor,
             factored=factored,
             mask=mask,
+            moment_dtype=moment_dtype,
         ),
         scale_by_learning_rate(1.0),
     )

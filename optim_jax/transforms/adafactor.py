@@ -20,14 +20,25 @@ differ by the constant factors ``m`` and ``n``, which cancel in
 T5X and mesh-tensorflow store. A tensor of rank > 2 is factored over its last
 two axes, one factorisation per trailing matrix (HF's rule).
 
-Dtypes: arithmetic runs in float32 or wider. The second-moment statistics
-(``v_row``, ``v_col`` and the full ``v``) are stored in that compute dtype
-(float32 for bfloat16 or float32 parameters, float64 for float64 ones), not in
-the parameter's dtype: with ``1 - beta2_t = t**-0.8`` below bfloat16's
+Dtypes: arithmetic runs in float32 or wider. By default the second-moment
+statistics (``v_row``, ``v_col`` and the full ``v``) are stored in that compute
+dtype (float32 for bfloat16 or float32 parameters, float64 for float64 ones),
+not in the parameter's dtype: with ``1 - beta2_t = t**-0.8`` below bfloat16's
 resolution (``t`` beyond a few hundred steps) a bfloat16 statistic would stop
-changing, and the factored statistics cost O(n + m) anyway. The first moment
-(``b1``) is stored in the parameter's dtype, as in the other transformations of
-this library.
+changing. The first moment (``b1``) is stored in the parameter's dtype, as in
+the other transformations of this library.
+
+``moment_dtype`` of :func:`scale_by_adafactor` (see :mod:`optim_jax.quantization`)
+stores the per-parameter buffers in fewer bytes: the first moment (signed) and
+the full second moment ``v`` of the unfactored leaves (unsigned: ``g**2 + eps1``
+averages are never negative). The factored ``v_row`` and ``v_col`` always stay
+in the compute dtype: they cost O(n + m) for an ``n x m`` matrix, a fraction
+``1/n + 1/m`` of a full moment, so shrinking them would save next to nothing.
+With ``"bfloat16"`` the unfactored ``v`` meets the limit above: after about
+10^3 steps its relative increments ``t**-0.8 (g**2 / v - 1)`` fall below
+bfloat16's resolution and round away. ``"int8"`` leaves tensors below 4096
+values in float32, which covers the usual unfactored leaves (biases, norm
+scales).
 
 State leaves derived from a parameter keep its sharding under ``jax.jit``: the
 full buffers come from :func:`optim_jax.base.zeros_like_param`, and the row and
@@ -45,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, quantization, validation
 from optim_jax.transforms.weight_decay import MaskOrFn
 
 
@@ -76,13 +87,18 @@ def _map_leaves(fn: Callable[..., tuple], n_outputs: int, tree: Any, *rest: Any)
     return tuple(treedef.unflatten([out[i] for out in outputs]) for i in range(n_outputs))
 
 
-def _init_second_moment(param: base.Array, factor: bool) -> tuple:
-    """``(v_row, v_col, v)`` zeros for one parameter, in the compute dtype."""
+def _init_second_moment(
+    param: base.Array, factor: bool, moment_dtype: quantization.MomentDtype = None
+) -> tuple:
+    """``(v_row, v_col, v)`` zeros for one parameter: the factored statistics in the compute
+    dtype, the full ``v`` in ``moment_dtype`` (None: the compute dtype, not the parameter's)."""
     dtype = base.compute_dtype(param.dtype)
     zeros = base.zeros_like_param(param, dtype)
     if factor:
         return zeros.sum(axis=-1), zeros.sum(axis=-2), None
-    return None, None, zeros
+    if moment_dtype is None:
+        return None, None, zeros
+    return None, None, quantization.init(param, moment_dtype, signed=False)
 
 
 def _decay(count: base.Array, decay_rate: float) -> tuple[base.Array, base.Array]:
@@ -106,8 +122,8 @@ def _precondition(g, v_row, v_col, v, beta2, mix, eps1) -> tuple:
         col_factor = jax.lax.rsqrt(new_col)
         u = g * row_factor[..., :, None] * col_factor[..., None, :]
         return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), None
-    new_v = beta2 * v.astype(g.dtype) + mix * sq
-    return g * jax.lax.rsqrt(new_v), None, None, new_v.astype(v.dtype)
+    new_v = beta2 * quantization.read(v, g.dtype) + mix * sq
+    return g * jax.lax.rsqrt(new_v), None, None, quantization.write(new_v, v)
 
 
 def _rms(x: base.Array) -> base.Array:
@@ -191,8 +207,9 @@ class AdafactorState(NamedTuple):
     count: jax.Array  # updates applied so far
     v_row: base.Updates  # see FactoredRmsState; compute dtype (float32 or wider)
     v_col: base.Updates
-    v: base.Updates
-    mu: base.Updates | None  # first moment of the scaled steps (only with b1); param dtype
+    v: base.Updates  # compute dtype, or moment_dtype
+    # First moment of the scaled steps (only with b1): the param dtype, or moment_dtype.
+    mu: base.Updates | None
 
 
 def _uses(value: base.ScalarOrSchedule | None) -> bool:
@@ -214,6 +231,7 @@ def scale_by_adafactor(
     min_dim_size_to_factor: int = 0,
     factored: bool = True,
     mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """The Adafactor step of Hugging Face ``transformers.Adafactor``, learning rate included.
 
@@ -259,6 +277,12 @@ def scale_by_adafactor(
         or a function of the parameters returning one (it may look at shapes,
         not values); leaves marked False get no weight decay. None decays
         every leaf (HF has no mask).
+      moment_dtype: how the first moment and the full second moment of
+        unfactored leaves are stored: None (the first moment in the parameter's
+        dtype, ``v`` in the compute dtype), ``"float32"``, ``"bfloat16"`` or
+        ``"int8"`` (block-wise 8-bit; see :mod:`optim_jax.quantization`). The
+        factored row and column statistics stay in the compute dtype (see the
+        module docstring).
     """
     if relative_step is None:
         relative_step = learning_rate is None
@@ -285,14 +309,16 @@ def scale_by_adafactor(
         validation.check_beta("b1", b1)
     validation.check_non_negative("weight_decay", weight_decay)
     _check_factoring(factored, min_dim_size_to_factor)
+    quantization.moment_format(moment_dtype)  # a bad value is an error here, not at init
     use_momentum = _uses(b1)
     use_decay = _uses(weight_decay)
 
     def init_fn(params):
         def one(p):
             factor = is_factored(p.shape, factored, min_dim_size_to_factor)
-            v_row, v_col, v = _init_second_moment(p, factor)
-            return v_row, v_col, v, base.zeros_like_param(p) if use_momentum else None
+            v_row, v_col, v = _init_second_moment(p, factor, moment_dtype)
+            mu = quantization.init(p, moment_dtype, signed=True) if use_momentum else None
+            return v_row, v_col, v, mu
 
         v_row, v_col, v, mu = _map_leaves(one, 4, params)
         return AdafactorState(
@@ -331,8 +357,8 @@ def scale_by_adafactor(
             step = alpha * u
             new_m = None
             if use_momentum:
-                step = beta1 * m.astype(cdt) + (1 - beta1) * step
-                new_m = step.astype(m.dtype)
+                step = beta1 * quantization.read(m, cdt) + (1 - beta1) * step
+                new_m = quantization.write(step, m)
             if use_decay and decay_leaf:
                 step = step + wd * alpha * p32
             return step.astype(g.dtype), new_row, new_col, new_v, new_m

@@ -28,14 +28,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, quantization, validation
 
 
 class SophiaState(NamedTuple):
     count: jax.Array  # updates applied so far (schedules are read at this value)
     steps_to_refresh: jax.Array  # int32; 0 means the next update blends in a new estimate
-    mu: base.Updates  # m: EMA of the gradients, one per parameter
-    hessian: base.Updates  # h: EMA of the Hessian-diagonal estimates, one per parameter
+    mu: base.Updates  # m: EMA of the gradients, one per parameter (signed)
+    # h: EMA of the Hessian-diagonal estimates, one per parameter. Signed: a Hutchinson
+    # estimate can be negative and h is stored unclamped (only the denominator is floored).
+    hessian: base.Updates
 
 
 def scale_by_sophia(
@@ -44,6 +46,7 @@ def scale_by_sophia(
     gamma: base.ScalarOrSchedule = 0.04,
     eps: float = 1e-15,
     update_interval: int = 10,
+    moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia's clipped direction (Liu et al. 2023, Algorithm 3), without decay or learning rate.
 
@@ -93,19 +96,24 @@ def scale_by_sophia(
         official code: ``rho``); a number or a schedule.
       eps: floor of the denominator, ``> 0``.
       update_interval: ``k``, updates between Hessian refreshes, ``>= 1``.
+      moment_dtype: how ``m`` and ``h`` are stored: None (the parameter's dtype),
+        ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
+        :mod:`optim_jax.quantization`). Both use the signed code book: ``h`` is
+        not clamped at zero, and a Hutchinson estimate can make it negative.
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
     validation.check_non_negative("gamma", gamma)
     validation.check_positive("eps", eps)
     validation.check_positive_int("update_interval", update_interval)
+    quantization.moment_format(moment_dtype)  # a bad value is an error here, not at init
 
     def init_fn(params):
         return SophiaState(
             count=base.init_count(),
             steps_to_refresh=jnp.zeros([], jnp.int32),
-            mu=base.tree_zeros_like(params),
-            hessian=base.tree_zeros_like(params),
+            mu=quantization.tree_init(params, moment_dtype, signed=True),
+            hessian=quantization.tree_init(params, moment_dtype, signed=True),
         )
 
     def update_fn(updates, state, params=None, *, hessian_diag=None, **extra_args):
@@ -117,13 +125,23 @@ def scale_by_sophia(
 
         def one(g, m, h, estimate):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            new_m = beta1 * m.astype(g32.dtype) + (1 - beta1) * g32
-            new_h = h.astype(g32.dtype)
+            new_m = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
+            new_h = quantization.read(h, g32.dtype)
             if estimate is not None:
                 blended = beta2 * new_h + (1 - beta2) * estimate.astype(g32.dtype)
                 new_h = jnp.where(refresh, blended, new_h)
             direction = jnp.clip(new_m / jnp.maximum(scale * new_h, eps), -1.0, 1.0)
-            return direction.astype(g.dtype), new_m.astype(m.dtype), new_h.astype(h.dtype)
+            if estimate is None:
+                stored_h = h  # never changes: not even re-encoded
+            else:
+                # Off refresh steps the stored h is kept as it is rather than written back:
+                # re-encoding a decoded int8 block is not always exact (the signed code book
+                # has +1 but not -1, so a block whose largest value is negative would shrink
+                # on every step between refreshes).
+                stored_h = jax.tree.map(
+                    lambda new, old: jnp.where(refresh, new, old), quantization.write(new_h, h), h
+                )
+            return direction.astype(g.dtype), quantization.write(new_m, m), stored_h
 
         if hessian_diag is None:
             hessian_diag = jax.tree.map(lambda _: None, updates)

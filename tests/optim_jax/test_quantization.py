@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optim_jax
-from optim_jax import quantization
+from optim_jax import base, quantization, transforms
 
 # ----------------------------------------------------------------------------- the code books
 
@@ -154,6 +154,25 @@ def test_adamw_state_bytes_per_parameter():
     assert int8 <= 2.1, int8  # 2 x (1 + 4/256) for the matrices, 8 for the few small vectors
 
 
+def sophia_fed_noisy_hessian(md: quantization.MomentDtype) -> optax.GradientTransformation:
+    """Sophia whose update gets, on every step, a Hutchinson-like estimate of the diagonal of
+    :func:`regression_losses`' Hessian: its expected value 2 E[x^2] / 256 = 1/128 for every
+    coordinate, times 1 + N(0, 1) noise (negative about 16% of the time, as a Hutchinson
+    estimate can be), drawn from the update count so that every moment_dtype sees the same."""
+    tx = optim_jax.sophia(2e-2, gamma=0.05, weight_decay=1e-2, update_interval=2, moment_dtype=md)
+
+    def update(grads, state, params=None):
+        count = base.find_state(state, transforms.SophiaState).count
+        key = jax.random.fold_in(jax.random.key(7), count)
+        leaves, treedef = jax.tree.flatten(grads)
+        keys = jax.random.split(key, len(leaves))
+        noise = [jax.random.normal(k, g.shape) for k, g in zip(keys, leaves, strict=True)]
+        noisy = [(1 + z) / 128 for z in noise]
+        return tx.update(grads, state, params, hessian_diag=treedef.unflatten(noisy))
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 OPTIMIZERS = {
     "adamw": lambda md: optim_jax.adamw(3e-3, weight_decay=1e-2, moment_dtype=md),
     "adam": lambda md: optim_jax.adam(3e-3, moment_dtype=md),
@@ -163,6 +182,20 @@ OPTIMIZERS = {
     "lars": lambda md: optim_jax.lars(5.0, moment_dtype=md),
     "rmsprop": lambda md: optim_jax.rmsprop(1e-3, momentum=0.5, centered=True, moment_dtype=md),
     "adagrad": lambda md: optim_jax.adagrad(0.3, initial_accumulator_value=0.1, moment_dtype=md),
+    # The 64 x 256 weight is factored here: int8 reaches its first moment only ...
+    "adafactor": lambda md: optim_jax.adafactor(
+        3e-2, relative_step=False, scale_parameter=False, b1=0.9, moment_dtype=md
+    ),
+    # ... and here (Optax's factoring threshold, 128 > 64) its full second moment too.
+    "adafactor_unfactored": lambda md: optim_jax.adafactor(
+        3e-2,
+        relative_step=False,
+        scale_parameter=False,
+        b1=0.9,
+        min_dim_size_to_factor=128,
+        moment_dtype=md,
+    ),
+    "sophia": sophia_fed_noisy_hessian,
 }
 
 
@@ -221,3 +254,86 @@ def test_int8_moments_are_sharded_like_their_parameters():
         updates, state = jax.jit(tx.update)(params, state, params)
     assert state[0].nu["w"].codes.sharding.is_equivalent_to(sharding, 2)
     assert updates["w"].sharding.is_equivalent_to(sharding, 2)
+
+
+# ---------------------------------------------------------------- Adafactor and Sophia in detail
+
+
+def test_adafactor_stores_first_moment_and_unfactored_second_moment_in_moment_dtype():
+    """int8 reaches the first moment and the full second moment of big unfactored leaves (the
+    unsigned book: it is a mean of squares); the factored row and column statistics, and
+    tensors under the 4096-value threshold, stay float32. bfloat16 reaches every such buffer."""
+    params = {"w": jnp.zeros((64, 256)), "long": jnp.zeros((8192,)), "short": jnp.zeros((100,))}
+    state = base.find_state(
+        optim_jax.adafactor(b1=0.9, moment_dtype="int8").init(params), transforms.AdafactorState
+    )
+    assert state.v_row["w"].dtype == state.v_col["w"].dtype == jnp.float32
+    assert state.v["w"] is None and state.v["short"].dtype == jnp.float32
+    assert isinstance(state.v["long"], quantization.QuantizedArray) and not state.v["long"].signed
+    for name in ("w", "long"):
+        assert isinstance(state.mu[name], quantization.QuantizedArray) and state.mu[name].signed
+    assert state.mu["short"].dtype == jnp.float32
+
+    state = base.find_state(
+        optim_jax.adafactor(b1=0.9, moment_dtype="bfloat16").init(params),
+        transforms.AdafactorState,
+    )
+    assert state.v_row["w"].dtype == jnp.float32
+    assert {state.v["long"].dtype, state.v["short"].dtype} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.mu)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optim_jax.adafactor(b1=0.9, moment_dtype="int4"),
+        lambda: optim_jax.sophia(1e-3, moment_dtype="fp8"),
+    ],
+)
+def test_adafactor_and_sophia_refuse_a_bad_moment_dtype_when_built(make):
+    with pytest.raises(ValueError, match="moment_dtype"):
+        make()
+
+
+def sophia_state_after(tx, params, estimates) -> transforms.SophiaState:
+    """Sophia's state after one update per estimate, with a fixed gradient."""
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    state = tx.init(params)
+    for estimate in estimates:
+        _, state = tx.update(grads, state, params, hessian_diag=estimate)
+    return base.find_state(state, transforms.SophiaState)
+
+
+def test_sophia_int8_hessian_keeps_negative_estimates():
+    """A Hutchinson estimate can be negative and Sophia does not clamp h, so h is quantised
+    with the signed book: after one refresh, the int8 h is the float32 h to within the
+    round-trip bound (half the widest code gap x the block maximum), signs included."""
+    params = {"w": jnp.zeros((64, 256))}
+    estimate = {"w": jax.random.normal(jax.random.key(3), (64, 256))}
+    exact = sophia_state_after(optim_jax.sophia(1e-3), params, [estimate]).hessian["w"]
+    q = sophia_state_after(optim_jax.sophia(1e-3, moment_dtype="int8"), params, [estimate])
+    assert isinstance(q.hessian["w"], quantization.QuantizedArray) and q.hessian["w"].signed
+    stored = np.asarray(quantization.dequantize(q.hessian["w"]))
+    exact = np.asarray(exact)
+    assert np.mean(exact < 0) > 0.4  # the check below covers both signs
+    row_max = np.abs(exact).max(axis=-1, keepdims=True)  # one block of 256 per row
+    # The round-trip bound, plus a few float32 ulps of the maximum for x / absmax * absmax.
+    bound = (widest_half_gap(signed=True) + 4e-7) * row_max
+    assert np.all(np.abs(stored - exact) <= bound)
+
+
+def test_sophia_int8_hessian_is_kept_bit_for_bit_between_refreshes():
+    """Off refresh steps h must not change. Writing the decoded int8 h back would shrink a
+    block whose largest magnitude is negative (the signed book has +1 but not -1), on every
+    step: the stored codes and block maxima must stay exactly as the refresh left them."""
+    params = {"w": jnp.zeros((64, 256))}
+    estimate = jax.random.normal(jax.random.key(4), (64, 256))
+    estimate = {"w": estimate.at[:, 0].set(-10.0)}  # every block's largest value is negative
+    tx = optim_jax.sophia(1e-3, update_interval=4, moment_dtype="int8")
+    after_refresh = sophia_state_after(tx, params, [estimate]).hessian["w"]
+    three_later = sophia_state_after(tx, params, [estimate] * 4).hessian["w"]  # steps 2-4: off
+    np.testing.assert_array_equal(np.asarray(three_later.codes), np.asarray(after_refresh.codes))
+    np.testing.assert_array_equal(np.asarray(three_later.absmax), np.asarray(after_refresh.absmax))
+    # And the fifth update is a refresh again: h moves.
+    refreshed = sophia_state_after(tx, params, [estimate] * 5).hessian["w"]
+    assert not np.array_equal(np.asarray(refreshed.absmax), np.asarray(after_refresh.absmax))
