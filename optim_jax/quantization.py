@@ -21,13 +21,19 @@ optional sign bit, ``k`` leading zero bits give the scale ``10^-k``, the next
 (indicator) bit is 1, and the remaining bits pick one of equal bins of
 ``[0.1, 1]``, stored as the bin's centre. With ``k`` from 0 to 6 this gives
 127 magnitudes for the signed book (first moments) and 254 for the unsigned
-one (second moments, which are never negative); zero and exactly 1 (so a
-block's largest value is stored exactly) complete each to 256 codes.
+one (second moments, which are never negative). Zero and exactly 1 complete
+the unsigned book to 256 codes; the signed one has zero, exactly +1 and -1 (so
+a block's largest value is stored exactly whatever its sign: otherwise every
+write would shrink a block led by a negative value) and gives up its smallest
+negative magnitude, ``-5.5e-7``, to fit.
 
-Blocks run along the last axis of each tensor (the last block of a row is
-shorter when the row length is not a multiple of ``block``). The codes
-therefore keep the parameter's shape, and under ``jax.jit`` its sharding; the
-block maxima have the shape ``shape[:-1] + (ceil(shape[-1] / block),)``.
+Blocks run along the last axis of each tensor, or along the last few axes
+taken together when the last is shorter than a block (the attention kernels'
+``[embed, heads, head_dim]`` blocks span heads x head_dim), so a block maximum
+is not paid for every short row; the last block of a row is shorter when the
+row length is not a multiple of ``block``. The codes keep the parameter's
+shape, and under ``jax.jit`` its sharding; the block maxima have the shape
+``shape[:-t] + (ceil(prod(shape[-t:]) / block),)`` for the ``t`` merged axes.
 Bytes per value: ``1 + 4 / block`` (1.016 for blocks of 256), so AdamW's two
 moments take 2.03 bytes per parameter instead of 8.
 
@@ -93,7 +99,7 @@ class QuantizedArray:
     """A float tensor stored as one byte per value plus a float32 maximum per block."""
 
     codes: jax.Array  # uint8, the tensor's shape: indices into the code book
-    absmax: jax.Array  # float32, shape[:-1] + (number of blocks,)
+    absmax: jax.Array  # float32, the unblocked axes + (number of blocks,)
     block: int
     signed: bool
 
@@ -117,19 +123,46 @@ def dynamic_code_book(signed: bool) -> np.ndarray:
         edges = np.linspace(0.1, 1.0, bins + 1)
         magnitudes.append(10.0**-zeros * (edges[:-1] + edges[1:]) / 2)
     magnitudes = np.concatenate(magnitudes)
-    values = [magnitudes, -magnitudes] if signed else [magnitudes]
-    book = np.sort(np.concatenate([*values, [0.0, 1.0]]))
+    if signed:
+        negatives = -np.sort(magnitudes)[1:]  # the smallest makes room for -1
+        values = [magnitudes, negatives, [0.0, 1.0, -1.0]]
+    else:
+        values = [magnitudes, [0.0, 1.0]]
+    book = np.sort(np.concatenate(values))
     assert book.size == 256 and np.unique(book).size == 256, book.size
     return book.astype(np.float32)
 
 
-def _blocks(x: jax.Array, block: int) -> tuple[jax.Array, int]:
-    """``x`` as ``[..., blocks, block]`` along its last axis (zero-padded), and the padding."""
-    n = x.shape[-1]
-    pad = -n % block
+def _row_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+    """``shape`` with its last axes merged into one row of at least ``block`` values (or all
+    of them): the axes that blocks run along."""
+    merged = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        merged *= shape[axis]
+        if merged >= block:
+            return (*shape[:axis], merged)
+    return (merged,)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """``x`` as ``[..., blocks, block]`` along its rows (the last block zero-padded)."""
+    x = x.reshape(_row_shape(x.shape, block))
+    pad = -x.shape[-1] % block
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], (n + pad) // block, block), pad
+    return x.reshape(*x.shape[:-1], -1, block)
+
+
+def _per_value(absmax: jax.Array, shape: tuple[int, ...], block: int) -> jax.Array:
+    """Each value's block maximum, in the tensor's own ``shape``.
+
+    Quantising and dequantising are then elementwise in the tensor's layout, so XLA gives
+    the codes the tensor's sharding even when blocks span several (sharded) axes; only the
+    small block maxima go through the blocked layout.
+    """
+    *rows, row = _row_shape(shape, block)
+    spread = jnp.broadcast_to(absmax[..., None], (*absmax.shape, block))
+    return spread.reshape(*rows, -1)[..., :row].reshape(shape)
 
 
 def quantize(x: jax.Array, block: int = 256, signed: bool = True) -> QuantizedArray:
@@ -137,25 +170,19 @@ def quantize(x: jax.Array, block: int = 256, signed: bool = True) -> QuantizedAr
     if x.ndim == 0:
         raise ValueError("quantize needs an array with at least one dimension")
     x = x.astype(jnp.float32)
-    blocks, pad = _blocks(x, block)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    scale = jnp.where(absmax > 0, absmax, 1.0)[..., None]
-    normalised = (blocks / scale).reshape(*blocks.shape[:-2], -1)
-    if pad:
-        normalised = normalised[..., : x.shape[-1]]
+    absmax = jnp.max(jnp.abs(_blocks(x, block)), axis=-1)
+    scale = _per_value(jnp.where(absmax > 0, absmax, 1.0), x.shape, block)
     book = dynamic_code_book(signed)
     # The nearest code: the number of midpoints between neighbouring codes below the value.
     midpoints = jnp.asarray((book[1:] + book[:-1]) / 2)
-    codes = jnp.searchsorted(midpoints, normalised).astype(jnp.uint8)
+    codes = jnp.searchsorted(midpoints, x / scale).astype(jnp.uint8)
     return QuantizedArray(codes=codes, absmax=absmax, block=block, signed=signed)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
     """The float32 tensor ``q`` stands for."""
     values = jnp.asarray(dynamic_code_book(q.signed))[q.codes]
-    blocks, pad = _blocks(values, q.block)
-    out = (blocks * q.absmax[..., None]).reshape(*blocks.shape[:-2], -1)
-    return out[..., : q.shape[-1]] if pad else out
+    return values * _per_value(q.absmax, q.shape, q.block)
 
 
 def _quantized(param: jax.Array, fmt: MomentFormat) -> bool:
@@ -174,10 +201,10 @@ def init(
         dtype = jnp.float32 if fmt.dtype == "int8" else jnp.dtype(fmt.dtype)
         return base.zeros_like_param(param, dtype)
     zero_code = int(np.argmin(np.abs(dynamic_code_book(signed))))
-    blocks = math.ceil(param.shape[-1] / fmt.block)
+    *rows, row = _row_shape(param.shape, fmt.block)
     return QuantizedArray(
         codes=base.full_like_param(param, zero_code, jnp.uint8),
-        absmax=jnp.zeros((*param.shape[:-1], blocks), jnp.float32),
+        absmax=jnp.zeros((*rows, math.ceil(row / fmt.block)), jnp.float32),
         block=fmt.block,
         signed=signed,
     )

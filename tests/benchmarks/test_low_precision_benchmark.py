@@ -40,9 +40,13 @@ LAST_COLUMN = "vs float32"
 def int8_bytes(shape: tuple[int, ...], block: int = 256) -> int:
     """Bytes of one int8 moment of ``shape``, from the format's description in
     optim_jax/quantization.py: one byte per value, plus a float32 maximum per block of
-    ``block`` consecutive values along the last axis (a shorter last block per row)."""
-    rows = math.prod(shape[:-1])
-    return math.prod(shape) + 4 * rows * math.ceil(shape[-1] / block)
+    ``block`` consecutive values along a row: the last axis, or the last axes merged until
+    a row holds a block (a shorter last block per row)."""
+    merged = len(shape) - 1
+    while merged > 0 and math.prod(shape[merged:]) < block:
+        merged -= 1
+    rows, row = math.prod(shape[:merged]), math.prod(shape[merged:])
+    return math.prod(shape) + 4 * rows * math.ceil(row / block)
 
 
 @pytest.mark.slow  # three short trainings: about 30-45 s on 2 shared cores, mostly compiling
@@ -92,7 +96,8 @@ def test_end_to_end_tiny(tmp_path, capsys):
 
 def test_state_bytes_follow_the_int8_layout():
     """The count on a hand-made AdamW state: two leaves big enough to be quantised (one with
-    a ragged last block, one with a last axis shorter than a block) and one left float32."""
+    a ragged last block, one whose short last axes merge into rows of a block or more) and one
+    left float32."""
     shapes = {"ragged": (64, 300), "short_rows": (128, 4, 32), "small": (100,)}
     params = {k: jax.ShapeDtypeStruct(s, "float32") for k, s in shapes.items()}
     tx = optax.chain(optim_jax.clip_by_global_norm(1.0), optim_jax.adamw(1e-3, moment_dtype="int8"))

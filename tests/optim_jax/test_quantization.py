@@ -48,7 +48,10 @@ def test_code_book_structure(signed):
             decade, 10.0**-k * 0.1 + width * (np.arange(decade.size) + 0.5), rtol=1e-6
         )
     if signed:
-        np.testing.assert_array_equal(book[book < 0], -positive[::-1])
+        # Symmetric but for the ends: -1 is a code, so that a block led by a negative value
+        # is stored exactly, and the smallest negative magnitude gave up its place for it.
+        assert book[0] == -1.0
+        np.testing.assert_array_equal(book[book < 0][1:], -positive[::-1][:-1])
     else:
         assert book[0] == 0.0
 
@@ -62,9 +65,19 @@ def widest_half_gap(signed: bool) -> float:
 # ------------------------------------------------------------------------------ round trips
 
 
+# (shape, block, the rows blocks run along): the last axis, or the last axes merged until a
+# row holds a block (a 64-wide last axis joins the 5 before it; 8 x 4 x 16 merges entirely).
+LAYOUTS = [
+    ((4, 1000), 256, (4, 1000)),
+    ((3, 5, 64), 256, (3, 320)),
+    ((8, 4, 16), 256, (512,)),
+    ((4096,), 2048, (4096,)),
+]
+
+
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize(("shape", "block"), [((4, 1000), 256), ((3, 5, 64), 256), ((4096,), 2048)])
-def test_round_trip_error_is_bounded_and_codes_are_nearest(signed, shape, block):
+@pytest.mark.parametrize(("shape", "block", "rows"), LAYOUTS)
+def test_round_trip_error_is_bounded_and_codes_are_nearest(signed, shape, block, rows):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape) * np.exp(rng.uniform(-8, 2, shape))  # many magnitudes
     if not signed:
@@ -72,16 +85,16 @@ def test_round_trip_error_is_bounded_and_codes_are_nearest(signed, shape, block)
     x[0, ...] = 0.0  # an all-zero block
     q = quantization.quantize(jnp.asarray(x, jnp.float32), block=block, signed=signed)
     assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
-    blocks = -(-shape[-1] // block)
-    assert q.absmax.shape == (*shape[:-1], blocks)
+    blocks = -(-rows[-1] // block)
+    assert q.absmax.shape == (*rows[:-1], blocks)
     back = np.asarray(quantization.dequantize(q), np.float64)
 
     x32 = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    pad = blocks * block - shape[-1]
-    padded = np.pad(np.abs(x32), [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    absmax = padded.reshape(*shape[:-1], blocks, block).max(-1)
+    pad = blocks * block - rows[-1]
+    padded = np.pad(np.abs(x32).reshape(rows), [(0, 0)] * (len(rows) - 1) + [(0, pad)])
+    absmax = padded.reshape(*rows[:-1], blocks, block).max(-1)
     np.testing.assert_array_equal(np.asarray(q.absmax), absmax.astype(np.float32))
-    per_value_max = np.repeat(absmax, block, axis=-1)[..., : shape[-1]]
+    per_value_max = np.repeat(absmax, block, axis=-1)[..., : rows[-1]].reshape(shape)
     # Bound: half the widest code gap x the block maximum, plus float32 rounding of the
     # division and the product (a few ulps of the maximum).
     bound = (widest_half_gap(signed) + 4e-7) * per_value_max
@@ -89,8 +102,7 @@ def test_round_trip_error_is_bounded_and_codes_are_nearest(signed, shape, block)
     assert np.all(back[x32 == 0] == 0)
     # The largest magnitude of each block is stored exactly (code 1.0 or -1.0 x absmax).
     is_max = (np.abs(x32) == per_value_max) & (per_value_max > 0)
-    if signed:
-        is_max &= x32 > 0  # the signed book has +1 but not -1
+    assert signed or np.all(x32[is_max] > 0)
     np.testing.assert_array_equal(back[is_max], x32[is_max])
     # Nearest code, searched in float64 over the whole book.
     book = quantization.dynamic_code_book(signed).astype(np.float64)
@@ -242,18 +254,30 @@ def test_low_precision_moments_track_the_float32_run(name):
         assert losses[-1] < 0.5 * losses[0], moment_dtype
 
 
-def test_int8_moments_are_sharded_like_their_parameters():
+@pytest.mark.parametrize(
+    ("shape", "spec"),
+    [((256, 512), P("fsdp", "tensor")), ((256, 4, 32), P("fsdp", "tensor", None))],
+    ids=["rows", "merged_rows"],  # blocks along the last axis / over heads x head_dim
+)
+def test_int8_moments_are_sharded_like_their_parameters(shape, spec):
+    """The codes (the bulk of the state) keep the parameter's sharding, also when blocks run
+    over merged axes; the update comes out sharded like the parameter and equals the one
+    computed on one device."""
     mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    sharding = NamedSharding(mesh, P("fsdp", "tensor"))
-    params = {"w": jax.device_put(jnp.ones((256, 512)), sharding)}
+    sharding = NamedSharding(mesh, spec)
+    values = jax.random.normal(jax.random.key(0), shape)
+    params = {"w": jax.device_put(values, sharding)}
+    grads = {"w": jax.device_put(values * 0.5 + 0.1, sharding)}
     tx = optim_jax.adamw(1e-3, moment_dtype="int8")
     with jax.set_mesh(mesh):
         state = jax.jit(tx.init)(params)
-        mu = state[0].mu["w"]
-        assert mu.codes.sharding.is_equivalent_to(sharding, 2)
-        updates, state = jax.jit(tx.update)(params, state, params)
-    assert state[0].nu["w"].codes.sharding.is_equivalent_to(sharding, 2)
-    assert updates["w"].sharding.is_equivalent_to(sharding, 2)
+        assert state[0].mu["w"].codes.sharding.is_equivalent_to(sharding, len(shape))
+        updates, state = jax.jit(tx.update)(grads, state, params)
+    assert state[0].nu["w"].codes.sharding.is_equivalent_to(sharding, len(shape))
+    assert updates["w"].sharding.is_equivalent_to(sharding, len(shape))
+    local = {"w": values}
+    expected, _ = tx.update({"w": values * 0.5 + 0.1}, tx.init(local), local)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------- Adafactor and Sophia in detail
