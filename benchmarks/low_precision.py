@@ -31,11 +31,8 @@ devices, as ``python -m train`` does.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.optimizers import _load, build_table, environment, render
+from benchmarks import report
 from optim_jax import base, quantization
 from optim_jax.transforms import AdamState
 from train import cli
@@ -154,7 +151,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def format_report(result: dict[str, Any], markdown: bool) -> str:
-    table = render(result["table"], markdown)
+    table = report.render(result["table"], markdown)
     title = "Optimizer state in float32, bfloat16 and int8 (AdamW, same recipe)"
     if markdown:
         return "\n".join(
@@ -163,20 +160,14 @@ def format_report(result: dict[str, Any], markdown: bool) -> str:
     return "\n".join([title, *summary_lines(result), "", table, ""])
 
 
-def output_stem(meta: dict[str, Any]) -> str:
-    kind = re.sub(r"[^a-z0-9]+", "-", meta["device_kind"].lower()).strip("-") or "device"
-    stamp = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d_%H%M%S")
-    return f"low_precision_{kind}_{stamp}"
-
-
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Every training run, float32 first (the reference), and the result."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
-    meta = environment() | {
+    meta = report.environment() | {
         "command": command,
-        "load_start": _load(),
+        "load_start": report.load_average(),
         "recipe": str(args.config) if args.config else "default",
         "overrides": overrides,
     }
@@ -189,7 +180,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         record["relative_difference"] = (record["final_eval_loss"] - reference) / reference
     first = records[0]
     meta |= {
-        "load_end": _load(),
+        "load_end": report.load_average(),
         "optimizer": first["optimizer"],
         "steps": first["steps"],
         "params": first["params"],
@@ -201,17 +192,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "target_relative_difference": TARGET,
         "int8_within_target": abs(int8[0]["relative_difference"]) <= TARGET if int8 else None,
         "runs": records,
-        "table": build_table(COLUMNS, records),
+        "table": report.build_table(COLUMNS, records),
     }
-
-
-def write_results(result: dict[str, Any], out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(result["meta"])
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(format_report(result, markdown=True))
-    return json_path, md_path
 
 
 # ----------------------------------------------------------------------------- driver
@@ -228,13 +210,6 @@ def _dtypes(text: str) -> list[str]:
     return ["float32", *(n for n in names if n != "float32")]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.low_precision",
@@ -243,7 +218,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=pathlib.Path, help="a YAML recipe (default: built in)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.n_layers=2")
-    parser.add_argument("--steps", type=_positive, help="run.steps (default: the recipe's)")
+    parser.add_argument(
+        "--steps", type=report.positive_int, help="run.steps (default: the recipe's)"
+    )
     parser.add_argument(
         "--dtypes",
         type=_dtypes,
@@ -261,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with cli.user_errors():
         result = run(args, " ".join(["python -m benchmarks.low_precision", *argv]))
     print(format_report(result, markdown=False), flush=True)
-    for path in write_results(result, args.out):
+    for path in report.write_results(result, args.out, "low_precision", format_report):
         print(f"wrote {path}")
     return result
 

@@ -38,12 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -57,6 +52,7 @@ import numpy as np
 import optax
 
 import optim_jax
+from benchmarks import report
 
 F32 = 4  # bytes per float32 element
 LIBS = ("ours", "optax")
@@ -343,9 +339,8 @@ def bench_compile(entry: Entry, n_leaves: int, size: int) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- tables
 
-Column = tuple[str, Callable[[dict[str, Any]], str]]
 
-STEP_COLUMNS: list[Column] = [
+STEP_COLUMNS: list[report.Column] = [
     ("optimizer", lambda r: r["optimizer"]),
     ("pytree", lambda r: f"{r['pytree']} ({r['leaves']} leaves)"),
     ("model B/param", lambda r: str(r["bytes_per_param"])),
@@ -358,7 +353,7 @@ STEP_COLUMNS: list[Column] = [
     ("ratio ours/optax", lambda r: f"{r['ratio']:.2f}"),
 ]
 
-COMPILE_COLUMNS: list[Column] = [
+COMPILE_COLUMNS: list[report.Column] = [
     ("optimizer", lambda r: r["optimizer"]),
     ("leaves", lambda r: str(r["leaves"])),
     ("ours s", lambda r: f"{r['compile_s']['ours']:.2f}"),
@@ -367,66 +362,7 @@ COMPILE_COLUMNS: list[Column] = [
 ]
 
 
-def build_table(columns: Sequence[Column], records: Sequence[dict[str, Any]]) -> dict[str, list]:
-    """``{"headers": [...], "rows": [[cell, ...], ...]}`` from column specs and records."""
-    return {
-        "headers": [header for header, _ in columns],
-        "rows": [[cell(record) for _, cell in columns] for record in records],
-    }
-
-
-def render(table: dict[str, list], markdown: bool = False) -> str:
-    """A table as aligned text (first column left-aligned, the rest right) or as Markdown."""
-    lines = [table["headers"], *table["rows"]]
-    if markdown:
-        rule = ["---"] + ["---:"] * (len(table["headers"]) - 1)
-        return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], rule, *lines[1:]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-
-    def fmt(line: list[str]) -> str:
-        cells = [line[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
-        ]
-        return "  ".join(cells)
-
-    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
-
-
 # ----------------------------------------------------------------------------- report
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    device = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device_kind": device.device_kind,
-        "platform": device.platform,
-        "device_count": jax.device_count(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -449,8 +385,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def format_report(result: dict[str, Any], markdown: bool) -> str:
-    steps = render(result["tables"]["steps"], markdown)
-    compiles = render(result["tables"]["compile"], markdown)
+    steps = report.render(result["tables"]["steps"], markdown)
+    compiles = report.render(result["tables"]["compile"], markdown)
     if markdown:
         byte_models = [f"| {n} | {b} | {d} |" for n, (b, d) in result["byte_models"].items()]
         return "\n".join(
@@ -469,12 +405,6 @@ def format_report(result: dict[str, Any], markdown: bool) -> str:
     )
 
 
-def output_stem(meta: dict[str, Any]) -> str:
-    kind = re.sub(r"[^a-z0-9]+", "-", meta["device_kind"].lower()).strip("-") or "device"
-    stamp = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d_%H%M%S")
-    return f"optimizers_{kind}_{stamp}"
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -488,35 +418,22 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ENTRY_NAMES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimizer(s) {unknown}; choose from {', '.join(ENTRY_NAMES)}"
-        )
-    return names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.optimizers",
         description="optim_jax vs Optax: step time, bandwidth, compile time, state size.",
     )
-    parser.add_argument("--size", type=_positive, default=DEFAULT_SIZE, help="parameters")
-    parser.add_argument("--leaves", type=_positive, default=1000, help="leaves of the split pytree")
-    parser.add_argument("--repeats", type=_positive, default=10, help="timed calls per step")
+    parser.add_argument("--size", type=report.positive_int, default=DEFAULT_SIZE, help="parameters")
+    parser.add_argument(
+        "--leaves", type=report.positive_int, default=1000, help="leaves of the split pytree"
+    )
+    parser.add_argument(
+        "--repeats", type=report.positive_int, default=10, help="timed calls per step"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument(
         "--optimizers",
-        type=_names,
+        type=report.names_from(ENTRY_NAMES, "optimizer"),
         default=list(ENTRY_NAMES),
         help=f"comma-separated subset of {','.join(ENTRY_NAMES)}",
     )
@@ -547,9 +464,9 @@ def _progress(message: str) -> None:
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Runs every measurement and returns the result (records, tables, metadata)."""
     entries = [entry for entry in ENTRIES if entry.name in args.optimizers]
-    meta = environment() | {
+    meta = report.environment() | {
         "command": command,
-        "load_start": _load(),
+        "load_start": report.load_average(),
         "size": args.size,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -598,7 +515,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             compile_s.items(), key=lambda kv: (ENTRY_NAMES.index(kv[0][0]), kv[0][1])
         )
     ]
-    meta["load_end"] = _load()
+    meta["load_end"] = report.load_average()
     return {
         "meta": meta,
         "byte_models": {entry.name: BYTE_MODELS[entry.name] for entry in entries},
@@ -606,19 +523,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "steps": steps,
         "compile": compiles,
         "tables": {
-            "steps": build_table(STEP_COLUMNS, steps),
-            "compile": build_table(COMPILE_COLUMNS, compiles),
+            "steps": report.build_table(STEP_COLUMNS, steps),
+            "compile": report.build_table(COMPILE_COLUMNS, compiles),
         },
     }
-
-
-def write_results(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(result["meta"])
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(format_report(result, markdown=True))
-    return json_path, md_path
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -628,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jax.config.update("jax_enable_compilation_cache", False)
     result = run(args, " ".join(["python -m benchmarks.optimizers", *argv]))
     print(format_report(result, markdown=False), flush=True)
-    for path in write_results(result, args.out):
+    for path in report.write_results(result, args.out, "optimizers", format_report):
         print(f"wrote {path}")
     return result
 

@@ -59,14 +59,11 @@ Markdown, to ``--out`` (default ``benchmarks/results/``) under
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +73,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from benchmarks import report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -437,14 +436,12 @@ def bench_recipe(
 
 # ----------------------------------------------------------------------------- tables
 
-Column = tuple[str, Callable[[dict[str, Any]], str]]
-
 
 def _mfu(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-COLUMNS: list[Column] = [
+COLUMNS: list[report.Column] = [
     ("recipe", lambda r: r["recipe"] + (" *" if r["overrides"] else "")),
     ("mesh", lambda r: "x".join(str(n) for n in r["mesh"].values())),
     ("tokens/step", lambda r: str(r["tokens_per_step"])),
@@ -489,9 +486,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def format_report(result: dict[str, Any], markdown: bool) -> str:
-    from benchmarks.optimizers import render
-
-    table = render(result["table"], markdown)
+    table = report.render(result["table"], markdown)
     if markdown:
         return "\n".join(
             ["# optim_jax trainer vs a minimal Flax + Optax loop", ""]
@@ -503,32 +498,6 @@ def format_report(result: dict[str, Any], markdown: bool) -> str:
         summary_lines(result)
         + ["", "Throughput (last column: trainer / minimal tokens/s; 1 = no overhead)", table, ""]
     )
-
-
-def output_stem(meta: dict[str, Any]) -> str:
-    kind = re.sub(r"[^a-z0-9]+", "-", meta["device_kind"].lower()).strip("-") or "device"
-    stamp = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d_%H%M%S")
-    return f"trainer_{kind}_{stamp}"
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def _recipes(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(RECIPES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}"
-        )
-    return names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def split_overrides(overrides: Sequence[str], recipes: Sequence[str]) -> dict[str, list[str]]:
@@ -555,15 +524,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--recipes",
-        type=_recipes,
+        type=report.names_from(RECIPES, "recipe"),
         default=None,
         help=f"comma-separated subset of {','.join(RECIPES)} (default: all on an accelerator, "
         "default only on CPU)",
     )
     parser.add_argument(
-        "--steps", type=_positive, default=40, help="timed steps per side (rounded up to windows)"
+        "--steps",
+        type=report.positive_int,
+        default=40,
+        help="timed steps per side (rounded up to windows)",
     )
-    parser.add_argument("--window", type=_positive, default=5, help="steps per timed window")
+    parser.add_argument(
+        "--window", type=report.positive_int, default=5, help="steps per timed window"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument(
         "--override",
@@ -586,7 +560,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu-devices",
-        type=_positive,
+        type=report.positive_int,
         default=CPU_DEVICES,
         help="simulated devices when JAX runs on CPU (ignored if XLA_FLAGS sets a count)",
     )
@@ -612,16 +586,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Benchmarks every recipe and returns the result (records, table, metadata)."""
     import flax
 
-    from benchmarks.optimizers import _load, build_table, environment
-
     recipes = args.recipes
     if recipes is None:
         recipes = ["default"] if jax.devices()[0].platform == "cpu" else list(RECIPES)
     windows = math.ceil(args.steps / args.window)
-    meta = environment() | {
+    meta = report.environment() | {
         "flax": flax.__version__,
         "command": command,
-        "load_start": _load(),
+        "load_start": report.load_average(),
         "warmup": args.warmup,
         "windows": windows,
         "window": args.window,
@@ -635,17 +607,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 recipe, overrides, args.warmup, windows, args.window, args.minimal_optimizer
             )
         )
-    meta["load_end"] = _load()
-    return {"meta": meta, "records": records, "table": build_table(COLUMNS, records)}
-
-
-def write_results(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(result["meta"])
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(format_report(result, markdown=True))
-    return json_path, md_path
+    meta["load_end"] = report.load_average()
+    return {"meta": meta, "records": records, "table": report.build_table(COLUMNS, records)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -659,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     jax.config.update("jax_enable_compilation_cache", False)
     result = run(args, " ".join(["python -m benchmarks.trainer", *argv]))
     print(format_report(result, markdown=False), flush=True)
-    for path in write_results(result, args.out):
+    for path in report.write_results(result, args.out, "trainer", format_report):
         print(f"wrote {path}")
     return result
 

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from benchmarks import optimizers as bench
+from benchmarks import report
 
 SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")
 RATIO = "ratio ours/optax"
@@ -152,17 +153,17 @@ def test_quick_drops_large_compile_counts():
 
 
 def test_render_text_and_markdown():
-    table = bench.build_table(
+    table = report.build_table(
         [("name", lambda r: r["n"]), (RATIO, lambda r: f"{r['x']:.2f}")],
         [{"n": "a", "x": 0.5}, {"n": "bbb", "x": 12.0}],
     )
-    assert bench.render(table).splitlines() == [
+    assert report.render(table).splitlines() == [
         "name  ratio ours/optax",
         "----  ----------------",
         "a                 0.50",
         "bbb              12.00",
     ]
-    assert bench.render(table, markdown=True).splitlines() == [
+    assert report.render(table, markdown=True).splitlines() == [
         f"| name | {RATIO} |",
         "| --- | ---: |",
         "| a | 0.50 |",

@@ -1,0 +1,122 @@
+"""What every benchmark shares: the machine it ran on, tables as text or Markdown, the result
+files, and the command line's small argument types."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+# A table column: its header and how a record gives its cell.
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def build_table(columns: Sequence[Column], records: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """``{"headers": [...], "rows": [[cell, ...], ...]}`` from column specs and records."""
+    return {
+        "headers": [header for header, _ in columns],
+        "rows": [[cell(record) for _, cell in columns] for record in records],
+    }
+
+
+def render(table: dict[str, list], markdown: bool = False) -> str:
+    """A table as aligned text (first column left-aligned, the rest right) or as Markdown."""
+    lines = [table["headers"], *table["rows"]]
+    if markdown:
+        rule = ["---"] + ["---:"] * (len(table["headers"]) - 1)
+        return "\n".join("| " + " | ".join(line) + " |" for line in [lines[0], rule, *lines[1:]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+
+    def fmt(line: list[str]) -> str:
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        return "  ".join(cells)
+
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the system has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """The date, devices, host CPU and library versions a result was measured with."""
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_results(
+    result: dict[str, Any],
+    out: Path,
+    name: str,
+    format_report: Callable[[dict[str, Any], bool], str],
+) -> tuple[Path, Path]:
+    """``<out>/<name>_<device kind>_<date>_<time>.{json,md}``: the result, and its report."""
+    meta = result["meta"]
+    kind = re.sub(r"[^a-z0-9]+", "-", meta["device_kind"].lower()).strip("-") or "device"
+    stamp = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d_%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}_{kind}_{stamp}.json", out / f"{name}_{kind}_{stamp}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(format_report(result, True))
+    return json_path, md_path
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def names_from(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An ``argparse`` type: a comma-separated, non-empty list of names from ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {unknown}; choose from {', '.join(allowed)}"
+            )
+        return names
+
+    return parse
