@@ -233,13 +233,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
     cli.use_simulated_cpu_devices()  # before anything starts a JAX backend
     with cli.user_errors():
-        result = run(args, " ".join(["python -m benchmarks.low_precision", *argv]))
-    print(format_report(result, markdown=False), flush=True)
-    for path in report.write_results(result, args.out, "low_precision", format_report):
-        print(f"wrote {path}")
+        result = run(args, report.command_line("benchmarks.low_precision", argv))
+    report.publish(result, args.out, "low_precision", format_report)
     return result
 
 

@@ -531,13 +531,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
     # Compile times must not come from a persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
-    result = run(args, " ".join(["python -m benchmarks.optimizers", *argv]))
-    print(format_report(result, markdown=False), flush=True)
-    for path in report.write_results(result, args.out, "optimizers", format_report):
-        print(f"wrote {path}")
+    result = run(args, report.command_line("benchmarks.optimizers", argv))
+    report.publish(result, args.out, "optimizers", format_report)
     return result
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,24 @@ def write_results(
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(format_report(result, True))
     return json_path, md_path
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that produced a result, for its report: ``python -m <module> <args>``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python -m", module, *args])
+
+
+def publish(
+    result: dict[str, Any],
+    out: Path,
+    name: str,
+    format_report: Callable[[dict[str, Any], bool], str],
+) -> None:
+    """Prints the report and writes the result files (:func:`write_results`)."""
+    print(format_report(result, False), flush=True)
+    for path in write_results(result, out, name, format_report):
+        print(f"wrote {path}")
 
 
 def positive_int(text: str) -> int:

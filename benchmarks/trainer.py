@@ -613,17 +613,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
     from train import cli
 
     # Before JAX starts a backend; a no-op when the backend already runs with a count set.
     cli.use_simulated_cpu_devices(args.cpu_devices)
     # Compile times must not come from a persistent compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
-    result = run(args, " ".join(["python -m benchmarks.trainer", *argv]))
-    print(format_report(result, markdown=False), flush=True)
-    for path in report.write_results(result, args.out, "trainer", format_report):
-        print(f"wrote {path}")
+    result = run(args, report.command_line("benchmarks.trainer", argv))
+    report.publish(result, args.out, "trainer", format_report)
     return result
 
 
