@@ -131,12 +131,7 @@ def train_once(
 def summary_lines(result: dict[str, Any]) -> list[str]:
     meta = result["meta"]
     lines = [
-        f"date: {meta['date']}",
-        f"command: {meta['command']}",
-        f"device: {meta['device_kind']} ({meta['platform']}, {meta['device_count']} device(s)); "
-        f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
-        f"load average start {meta['load_start']}, end {meta['load_end']}",
-        f"versions: jax {meta['jax']}, optax {meta['optax']}, python {meta['python']}",
+        *report.machine_lines(meta),
         f"recipe: {meta['recipe']}, {meta['optimizer']}, {meta['steps']} steps, "
         f"{meta['params']:,} parameters ({meta['big_leaf_params']:,} in leaves of "
         f">= {BIG_LEAF} values)",

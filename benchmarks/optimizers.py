@@ -370,12 +370,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     gbs = lambda x: f"{x / 1e9:.1f} GB/s"  # noqa: E731
     pytrees = ", ".join(f"{name} {n:,} params" for name, n in meta["pytree_params"].items())
     return [
-        f"date: {meta['date']}",
-        f"command: {meta['command']}",
-        f"device: {meta['device_kind']} ({meta['platform']}, {meta['device_count']} device(s)); "
-        f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
-        f"load average start {meta['load_start']}, end {meta['load_end']}",
-        f"versions: jax {meta['jax']}, optax {meta['optax']}, python {meta['python']}",
+        *report.machine_lines(meta),
         f"pytrees: {pytrees}; float32; {meta['warmup']} warm-up calls, median of "
         f"{meta['repeats']} timed calls",
         f"copy ceiling: {gbs(ceiling['bytes_per_s'])} (scale {gbs(ceiling['start']['scale'])} / "

@@ -83,6 +83,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def machine_lines(meta: dict[str, Any]) -> list[str]:
+    """The report's first lines: when, by which command, on what (from :func:`environment`
+    plus ``command``, ``load_start`` and ``load_end``)."""
+    versions = f"jax {meta['jax']}, optax {meta['optax']}"
+    if "flax" in meta:
+        versions += f", flax {meta['flax']}"
+    return [
+        f"date: {meta['date']}",
+        f"command: {meta['command']}",
+        f"device: {meta['device_kind']} ({meta['platform']}, {meta['device_count']} device(s)); "
+        f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
+        f"load average start {meta['load_start']}, end {meta['load_end']}",
+        f"versions: {versions}, python {meta['python']}",
+    ]
+
+
 def write_results(
     result: dict[str, Any],
     out: Path,

@@ -460,13 +460,7 @@ COLUMNS: list[report.Column] = [
 def summary_lines(result: dict[str, Any]) -> list[str]:
     meta = result["meta"]
     lines = [
-        f"date: {meta['date']}",
-        f"command: {meta['command']}",
-        f"device: {meta['device_kind']} ({meta['platform']}, {meta['device_count']} device(s)); "
-        f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
-        f"load average start {meta['load_start']}, end {meta['load_end']}",
-        f"versions: jax {meta['jax']}, optax {meta['optax']}, flax {meta['flax']}, "
-        f"python {meta['python']}",
+        *report.machine_lines(meta),
         f"timing: first call = compile (+ one step); {meta['warmup']} warm-up steps; median of "
         f"{meta['windows']} windows of {meta['window']} steps per side, interleaved",
         f"minimal loop: jax.jit + {meta['minimal_optimizer']} clip_by_global_norm + adamw",
