@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train import cli
+from train import cli, metrics
 
 if TYPE_CHECKING:
     from train.loop import Setup
@@ -429,11 +429,7 @@ def plot_gradient_flow(flow: dict[str, Any], path: str | pathlib.Path) -> pathli
     fig.suptitle(
         f"gradient flow at step {flow['step']} over {flow['batches']} batch(es); red: no gradient"
     )
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return metrics.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------- command line

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from optim_jax import hessian
 
 # train.loop imports this module lazily (for run.sharpness_every), so no import cycle.
-from train import cli, loop
+from train import cli, loop, metrics
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, CheckpointError, abstract_state
 from train.config import Config
@@ -342,9 +342,7 @@ def _plot_line(result: dict, path: pathlib.Path) -> None:
     ax.set_ylabel("loss")
     ax.set_title(f"theta0 = {_short(result['theta0'])}, theta1 = {_short(result['theta1'])}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 def _plot_surface(result: dict, path: pathlib.Path) -> None:
@@ -373,9 +371,7 @@ def _plot_surface(result: dict, path: pathlib.Path) -> None:
         ax.set_ylabel("beta (direction 2)")
         ax.set_title(key.replace("_", " "))
     fig.suptitle(f"around {result['checkpoint']} (filter-normalised directions)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- CLI

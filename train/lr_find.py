@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from train import cli
+from train import cli, metrics
 
 # fastai's defaults (fastai.callback.schedule.lr_find): start_lr 1e-7, end_lr 10, beta 0.98,
 # stop at 4x the best smoothed loss; 200 steps instead of 100 give a finer curve.
@@ -250,9 +250,7 @@ def plot(result: RangeTest, path: pathlib.Path) -> None:
         ax.set_ylim(low - 0.1 * abs(high - low), max(high, low) + 0.6 * abs(high - low) + 1e-9)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 def write(result: RangeTest, workdir: pathlib.Path, settings: dict) -> None:

@@ -251,6 +251,17 @@ def _series(records: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, 
     return keys[0], [], []
 
 
+def save_figure(fig: Any, path: str | pathlib.Path) -> pathlib.Path:
+    """Lays out, writes (PNG) and closes a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(workdir: str | pathlib.Path) -> pathlib.Path:
     """Draws ``<workdir>/metrics.png`` from ``metrics.jsonl`` and returns its path.
 
@@ -313,11 +324,7 @@ def plot(workdir: str | pathlib.Path) -> pathlib.Path:
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
     fig.suptitle(str(workdir.name or workdir))
-    fig.tight_layout()
-    out = workdir / PLOT_NAME
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, workdir / PLOT_NAME)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optim_jax
-from train import cli, loop, loss_spikes
+from train import cli, loop, loss_spikes, metrics
 from train import mesh as mesh_lib
 from train.config import Config, ConfigError, SearchRange, pbt_search_space
 from train.optimizer import OPTIMIZERS, make_momentum_schedule, make_optimizer, make_schedule
@@ -525,11 +525,7 @@ def plot(result: dict, path: str | pathlib.Path) -> pathlib.Path:
         else f"{size} members, no exploit/explore"
     )
     axes[0].set_title(f"{title}; best final eval loss {best['best_eval_loss']:.4g}")
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return metrics.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from train import cli
+from train import cli, metrics
 from train import config as config_lib
 from train.config import Config, ConfigError
 
@@ -392,9 +392,7 @@ def _plot_history(study, path: pathlib.Path) -> None:
     ax.set_title(f"Optimisation history: {study.study_name}")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    metrics.save_figure(fig, path)
 
 
 def importances(study) -> dict[str, float]:
@@ -427,9 +425,7 @@ def _write_importance(study, workdir: pathlib.Path) -> None:
     ax.barh(names, [scores[n] for n in names])
     ax.set_xlabel("importance (share of the eval loss's variation)")
     ax.set_title("Parameter importance")
-    fig.tight_layout()
-    fig.savefig(workdir / "importance.png", dpi=110)
-    plt.close(fig)
+    metrics.save_figure(fig, workdir / "importance.png")
 
 
 # ---------------------------------------------------------------------------------- CLI
