@@ -1,6 +1,6 @@
 """optim_jax: Optax-style gradient transformations, checked against reference math."""
 
-from optim_jax import hessian, schedules, transforms
+from optim_jax import flat, hessian, schedules, transforms
 from optim_jax.aliases import (
     adafactor,
     adagrad,
@@ -21,6 +21,7 @@ from optim_jax.clipping import (
     clip_by_value,
     pre_clip_global_norm,
 )
+from optim_jax.flat import FlatLayout, FlatParams, flat_layout
 from optim_jax.schedules import (
     constant,
     cosine_decay,
@@ -71,6 +72,8 @@ __all__ = [
     "AccumulationState",
     "ClipState",
     "DEFAULT_NO_DECAY_NAMES",
+    "FlatLayout",
+    "FlatParams",
     "InjectHyperparamsState",
     "LookaheadState",
     "PlateauState",
@@ -92,6 +95,8 @@ __all__ = [
     "cosine_warm_restarts",
     "decay_mask",
     "exponential_decay",
+    "flat",
+    "flat_layout",
     "freeze",
     "hessian",
     "inject_hyperparams",

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, flat, validation
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 TORCH_NORM_EPS = 1e-6
@@ -174,6 +174,7 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTran
         del state
         if params is None:
             raise ValueError("adaptive_grad_clip needs `params` in update(); pass them.")
+        flat.refuse_flat(params, "adaptive_grad_clip", "it clips each unit of each tensor")
         _, new_state = _record(updates)
         return jax.tree.map(one, updates, params), new_state
 

@@ -56,8 +56,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, quantization, validation
+from optim_jax import base, flat, quantization, validation
 from optim_jax.transforms.weight_decay import MaskOrFn
+
+FACTORED_PER_TENSOR = "it factors each parameter matrix into row and column statistics"
 
 
 def is_factored(shape: tuple[int, ...], factored: bool = True, min_dim_size_to_factor: int = 0):
@@ -181,6 +183,8 @@ def scale_by_factored_rms(
     _check_factoring(factored, min_dim_size_to_factor)
 
     def init_fn(params):
+        flat.refuse_flat(params, "scale_by_factored_rms", FACTORED_PER_TENSOR)
+
         def one(p):
             return _init_second_moment(p, is_factored(p.shape, factored, min_dim_size_to_factor))
 
@@ -314,6 +318,8 @@ def scale_by_adafactor(
     use_decay = _uses(weight_decay)
 
     def init_fn(params):
+        flat.refuse_flat(params, "adafactor", FACTORED_PER_TENSOR)
+
         def one(p):
             factor = is_factored(p.shape, factored, min_dim_size_to_factor)
             v_row, v_col, v = _init_second_moment(p, factor, moment_dtype)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, flat, validation
 from optim_jax.transforms.weight_decay import MaskOrFn
 
 
@@ -32,6 +32,9 @@ def _norm(x: jax.Array) -> jax.Array:
 def _ratio_or_one(numerator: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
     """``numerator / denominator`` where ``ok``, else 1; never divides by zero."""
     return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 1.0)
+
+
+PER_TENSOR_NORMS = "its trust ratio takes the norms of each parameter tensor"
 
 
 def _need_params(name: str, params: Any) -> None:
@@ -69,7 +72,7 @@ def scale_by_trust_ratio(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
-        del params
+        flat.refuse_flat(params, "scale_by_trust_ratio (LAMB)", PER_TENSOR_NORMS)
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
@@ -132,7 +135,7 @@ def scale_by_lars(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
-        del params
+        flat.refuse_flat(params, "scale_by_lars", PER_TENSOR_NORMS)
         return base.CountState(count=base.init_count())
 
     def update_fn(updates, state, params=None):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import optax
 
-from optim_jax import base
+from optim_jax import base, flat
 
 LabelsOrFn: TypeAlias = Any | Callable[[base.Params], Any]
 MaskOrFn: TypeAlias = Any | Callable[[base.Params], Any]
@@ -99,6 +99,8 @@ def _ndim(leaf: Any) -> int:
     return len(getattr(leaf, "shape", ()))
 
 
+BY_NAME = "it chooses parameters by their names, which the layout merges"
+
 # --------------------------------------------------------------------------- decay mask
 
 
@@ -137,6 +139,8 @@ def decay_mask(
     names = {str(name).lower() for name in exclude}
     if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
         raise ValueError(f"min_ndim must be a non-negative integer, got {min_ndim!r}")
+
+    flat.refuse_flat(params, "decay_mask", BY_NAME)
 
     def one(path, leaf):
         if _ndim(leaf) < min_ndim:
@@ -253,6 +257,7 @@ def param_groups(
     inner = optax.partition(transforms, labels)
 
     def init_fn(params):
+        flat.refuse_flat(params, "param_groups", BY_NAME)
         if not _is_params_placeholder(params):
             _check_labels(_resolve(labels, params), params, transforms)
         return inner.init(params)
@@ -429,6 +434,7 @@ def layerwise_lr_decay(
     layers = _normalize_layers(layer_prefixes)
 
     def init_fn(params):
+        flat.refuse_flat(params, "layerwise_lr_decay", BY_NAME)
         if not _is_params_placeholder(params):
             _check_all_prefixes_match(params, layers)
         return optax.EmptyState()

@@ -1,0 +1,285 @@
+"""The flat multi-tensor layout: what it stores, that optimizers on it match the per-leaf path,
+that sharded buffers need no communication, and that per-tensor rules refuse it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optim_jax
+from optim_jax.flat import FlatParams, flat_layout
+
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
+
+
+def _mesh(axis_type: AxisType = AxisType.Auto) -> jax.sharding.Mesh:
+    return jax.make_mesh((2, 4), ("a", "b"), axis_types=(axis_type,) * 2)
+
+
+def _sharded_tree(mesh: jax.sharding.Mesh, seed: int = 0) -> dict:
+    """Leaves sharded every way the layout distinguishes, with two dtypes and a scalar."""
+    key = jax.random.key(seed)
+    specs = {
+        "attn": {"kernel": ((8, 12), P("a", "b")), "bias": ((12,), P("b"))},
+        "conv": ((4, 6, 8), P("a", None, "b")),
+        "mlp": {"kernel": ((12, 16), P(None, ("a", "b"))), "bias": ((16,), P(("a", "b")))},
+        "norm": ((5,), P()),
+        "scale": ((), P()),
+        "head": ((3, 8), P(None, "b"), jnp.bfloat16),
+    }
+
+    def make(i, spec):
+        shape, pspec, *dtype = spec
+        x = jax.random.normal(jax.random.fold_in(key, i), shape, *dtype)
+        return jax.device_put(x, NamedSharding(mesh, pspec))
+
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, tuple))
+    return treedef.unflatten([make(i, s) for i, s in enumerate(leaves)])
+
+
+def _assert_trees_equal(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_unsharded_leaves_form_one_buffer_per_dtype():
+    params = {
+        "w": jnp.arange(12.0).reshape(3, 4),
+        "b": jnp.arange(3.0),
+        "s": jnp.float32(7.0),
+        "h": jnp.ones((2, 2), jnp.bfloat16),
+    }
+    layout = flat_layout(params)
+    flat = layout.pack(params)
+    assert {name: x.shape for name, x in flat.buffers.items()} == {
+        "float32": (1, 3 + 1 + 12),
+        "bfloat16": (1, 4),
+    }
+    # Leaves sit in tree order (sorted dict keys: b, s, w), each raveled row-major.
+    expected = np.concatenate([np.arange(3.0), [7.0], np.arange(12.0)])
+    np.testing.assert_array_equal(flat.buffers["float32"][0], expected)
+    _assert_trees_equal(layout.unpack(flat), params)
+    # Groups in order of first appearance: b (float32) comes before h (bfloat16).
+    assert layout.describe().splitlines() == [
+        "float32: (1, 16) from 3 leaves",
+        "bfloat16: (1, 4) from 1 leaves",
+    ]
+
+
+def test_sharded_groups_and_round_trip():
+    mesh = _mesh()
+    params = _sharded_tree(mesh)
+    layout = flat_layout(params)
+    flat = layout.pack(params)
+    shapes = {name: (x.shape, x.sharding.spec) for name, x in flat.buffers.items()}
+    assert shapes == {
+        # attn/kernel (a, b) and conv (a, ., b) and mlp (., (a, b)), mlp/bias ((a, b)): 8 rows.
+        "float32_a_b": ((8, 96 // 8 + 192 // 8 + 192 // 8 + 16 // 8), P(("a", "b"))),
+        "float32_b": ((4, 3), P("b")),
+        "float32": ((1, 6), P()),
+        "bfloat16_b": ((4, 6), P("b")),
+    }
+    back = layout.unpack(flat)
+    _assert_trees_equal(back, params)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
+
+
+def test_each_row_holds_one_devices_shards():
+    """Checked from the arrays' own shards, independently of the layout's index arithmetic."""
+    mesh = _mesh()
+    params = _sharded_tree(mesh)
+    layout = flat_layout(params)
+    flat = layout.pack(params)
+    leaves = jax.tree.leaves(params)
+    for g, group in enumerate(layout.groups):
+        buffer_shards = {
+            s.device: np.asarray(s.data) for s in flat.buffers[group.name].addressable_shards
+        }
+        for i in layout.members(g):
+            slot = layout.slots[i]
+            for shard in leaves[i].addressable_shards:
+                row = buffer_shards[shard.device]
+                assert row.shape[0] == 1  # one row per device (or one row, replicated)
+                np.testing.assert_array_equal(
+                    row[0, slot.offset : slot.offset + slot.columns],
+                    np.asarray(shard.data).reshape(-1),
+                )
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_pack_unpack_and_update_need_no_communication():
+    mesh = _mesh()
+    params = _sharded_tree(mesh)
+    layout = flat_layout(params)
+    flat = layout.pack(params)
+    tx = optim_jax.adamw(1e-3)
+    state = tx.init(flat)
+    step_hlo = _hlo(lambda p, s, g: tx.update(g, s, p), flat, state, flat)
+    for text in (_hlo(layout.pack, params), _hlo(layout.unpack, flat), step_hlo):
+        found = [c for c in COLLECTIVES if c in text]
+        assert not found, found
+
+
+ELEMENTWISE = {
+    "sgd_momentum": lambda: optim_jax.sgd(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: optim_jax.adam(1e-2),
+    "adamw": lambda: optim_jax.adamw(1e-2, weight_decay=0.1),
+    "adamw_bf16_moments": lambda: optim_jax.adamw(1e-2, moment_dtype="bfloat16"),
+    "lion": lambda: optim_jax.lion(1e-3, weight_decay=0.1),
+    "rmsprop": lambda: optim_jax.rmsprop(1e-2, momentum=0.9, centered=True),
+    "adagrad": lambda: optim_jax.adagrad(1e-1),
+    "clip_by_value_sgd": lambda: optax.chain(optim_jax.clip_by_value(0.5), optim_jax.sgd(0.1)),
+}
+
+
+def _run(tx, params, grads_per_step):
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for grads in grads_per_step:
+        params, state = step(params, state, grads)
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_elementwise_optimizers_are_bitwise_the_per_leaf_path(name):
+    mesh = _mesh()
+    params = _sharded_tree(mesh, seed=0)
+    grads = [_sharded_tree(mesh, seed=s) for s in (1, 2, 3)]
+    layout = flat_layout(params)
+    per_leaf = _run(ELEMENTWISE[name](), params, grads)
+    flat = _run(ELEMENTWISE[name](), layout.pack(params), [layout.pack(g) for g in grads])
+    assert isinstance(flat, FlatParams)
+    _assert_trees_equal(layout.unpack(flat), per_leaf)
+
+
+def test_global_norm_clipping_matches_to_float32_rounding():
+    mesh = _mesh()
+    params = _sharded_tree(mesh, seed=0)
+    grads = [jax.tree.map(lambda g: 10 * g, _sharded_tree(mesh, seed=s)) for s in (1, 2)]
+    schedule = optim_jax.warmup_cosine_decay(0.0, 1e-2, 2, 10, 1e-4)
+
+    def make():
+        return optax.chain(optim_jax.clip_by_global_norm(1.0), optim_jax.adamw(schedule))
+
+    layout = flat_layout(params)
+    per_leaf = _run(make(), params, grads)
+    flat = layout.unpack(_run(make(), layout.pack(params), [layout.pack(g) for g in grads]))
+    # The squared norm adds the same float32 terms in another order: relative 1e-6 covers the
+    # rounding of a sum of ~1000 terms, and the clipped step carries it over unchanged.
+    for x, y in zip(jax.tree.leaves(flat), jax.tree.leaves(per_leaf), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_gradient_through_unpack_arrives_flat():
+    mesh = _mesh()
+    params = _sharded_tree(mesh)
+    layout = flat_layout(params)
+    weights = _sharded_tree(mesh, seed=5)
+
+    def loss(tree):
+        terms = jax.tree.map(
+            lambda p, w: jnp.sum(jnp.sin(p.astype(jnp.float32)) * w), tree, weights
+        )
+        return sum(jax.tree.leaves(terms))
+
+    flat_grads = jax.jit(jax.grad(lambda f: loss(layout.unpack(f))))(layout.pack(params))
+    assert isinstance(flat_grads, FlatParams)
+    _assert_trees_equal(flat_grads, layout.pack(jax.grad(loss)(params)))
+    for group in layout.groups:
+        assert flat_grads.buffers[group.name].sharding.is_equivalent_to(group.sharding, 2)
+
+
+def _fusions(leaves: int) -> int:
+    params = {f"layer_{i:04d}": jax.ShapeDtypeStruct((16, 8), jnp.float32) for i in range(leaves)}
+    layout = flat_layout(params)
+    flat = jax.eval_shape(layout.pack, params)
+    tx = optim_jax.adamw(1e-3)
+    state = jax.eval_shape(tx.init, flat)
+    text = jax.jit(lambda p, s, g: tx.update(g, s, p)).lower(flat, state, flat).compile().as_text()
+    return len(re.findall(r" fusion\(", text))
+
+
+def test_the_compiled_update_does_not_grow_with_the_leaf_count():
+    """What keeps compile time flat: the program is the same for 10 leaves and for 400."""
+    assert _fusions(10) == _fusions(400) > 0
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("scale_by_trust_ratio (LAMB)", lambda p: optim_jax.lamb(1e-3).init(p)),
+        ("scale_by_lars", lambda p: optim_jax.lars(1e-1).init(p)),
+        ("adafactor", lambda p: optim_jax.adafactor(1e-2).init(p)),
+        ("decay_mask", lambda p: optim_jax.adamw(1e-3, mask=optim_jax.decay_mask).init(p)),
+        ("param_groups", lambda p: optim_jax.param_groups({"x": optim_jax.sgd(0.1)}, "x").init(p)),
+        (
+            "layerwise_lr_decay",
+            lambda p: optim_jax.layerwise_lr_decay(0.5, ["float32"]).init(p),
+        ),
+        (
+            "adaptive_grad_clip",
+            lambda p: optim_jax.adaptive_grad_clip(0.1).update(p, optax.EmptyState(), p),
+        ),
+    ],
+)
+def test_per_tensor_rules_refuse_flat_params(name, make):
+    layout = flat_layout({"w": jnp.ones((4, 4)), "b": jnp.ones(4)})
+    with pytest.raises(ValueError, match=re.escape(name) + r" cannot run on the flat"):
+        make(layout.pack({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}))
+
+
+def test_bad_layouts_name_the_parameter():
+    mesh = _mesh()
+    # JAX itself refuses to place such an array, but an abstract one can carry the sharding.
+    uneven = {
+        "emb": jax.ShapeDtypeStruct((6, 4), jnp.float32, sharding=NamedSharding(mesh, P("b")))
+    }
+    with pytest.raises(ValueError, match=r"dimension 0 of parameter 'emb' \(size 6\)"):
+        flat_layout(uneven)
+    with pytest.raises(ValueError, match=r"parameter 'step' has dtype int32"):
+        flat_layout({"step": jnp.zeros((), jnp.int32)})
+    with pytest.raises(ValueError, match="no leaves"):
+        flat_layout({})
+    explicit = _mesh(AxisType.Explicit)
+    with pytest.raises(ValueError, match="parameter 'w' lives on a mesh with non-Auto axis"):
+        flat_layout({"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(explicit, P("a")))})
+    layout = flat_layout({"w": jnp.ones(3)})
+    other = flat_layout({"w": jnp.ones(4)}).pack({"w": jnp.ones(4)})
+    with pytest.raises(ValueError, match="packed with this layout"):
+        layout.unpack(other)
+
+
+def test_flat_params_checkpoint_round_trip(tmp_path):
+    mesh = _mesh()
+    params = _sharded_tree(mesh)
+    layout = flat_layout(params)
+    flat = layout.pack(params)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "flat", flat)
+        checkpointer.wait_until_finished()
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), flat
+        )
+        restored = checkpointer.restore(tmp_path / "flat", target)
+    assert isinstance(restored, FlatParams)
+    _assert_trees_equal(layout.unpack(restored), params)
