@@ -193,14 +193,19 @@ def scale_by_adam(
         beta1 = base.resolve(b1, state.count)
         beta2 = base.resolve(b2, state.count)
         count = base.increment_count(state.count)
-        bias_correction1 = base.bias_correction(beta1, count)
-        bias_correction2 = base.bias_correction(beta2, count)
+        # Reciprocals taken once: multiplying every element by them is the form XLA would pick
+        # for some trees and not others (dividing by a scalar shared by many leaves stays a
+        # division), so stating it keeps results independent of how the leaves are laid out.
+        inverse_correction1 = 1 / base.bias_correction(beta1, count)
+        inverse_correction2 = 1 / base.bias_correction(beta2, count)
 
         def one(g, m, v):
             g32 = g.astype(base.compute_dtype(g.dtype))
             new_m = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
             new_v = beta2 * quantization.read(v, g32.dtype) + (1 - beta2) * g32 * g32
-            direction = (new_m / bias_correction1) / (jnp.sqrt(new_v / bias_correction2) + eps)
+            direction = (new_m * inverse_correction1) / (
+                jnp.sqrt(new_v * inverse_correction2) + eps
+            )
             return (
                 direction.astype(g.dtype),
                 quantization.write(new_m, m),
