@@ -6,9 +6,17 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
 * **Step time**: the median wall time of one jitted step
   ``updates, state = tx.update(grads, state, params); params = params + updates``
   with ``params`` and ``state`` donated (updated in place), timed to
-  ``jax.block_until_ready``. Warm-up calls are excluded; the two libraries' steps
-  are interleaved (ours, Optax, Optax, ours, ...) so that load from other
-  processes hits both alike. Two float32 pytrees of about ``--size`` parameters:
+  ``jax.block_until_ready``, in up to three variants (:data:`VARIANTS`): ``ours``
+  and ``optax`` on the per-leaf pytree, and ``flat``, optim_jax's same
+  transformation on the stored flat multi-tensor layout (:mod:`optim_jax.flat`):
+  parameters, optimizer state and gradients are packed once, before timing, into
+  one buffer per dtype, as a program that keeps its parameters flat holds them
+  (its gradients arrive flat, as the transpose of the model's ``layout.unpack``).
+  Only optimizers whose rule is elementwise or a global reduction have the flat
+  variant (:attr:`Entry.runs_flat`); LAMB and Adafactor work per tensor and refuse
+  the layout. Warm-up calls are excluded; the variants' steps are interleaved
+  (ours, flat, Optax, Optax, flat, ours, ...) so that load from other processes
+  hits all alike. Two float32 pytrees of about ``--size`` parameters:
   ``transformer``, a 4-layer transformer-like tree of a few big matrices
   (embedding, attention and MLP kernels, norms and biases: 51 leaves), and
   ``split``, the same kind of tree with about the same size spread over
@@ -22,12 +30,21 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
   larger is kept).
 * **Compile time** of the same step (trace, lowering and XLA compilation, on
   abstract arguments: nothing is allocated) against the number of leaves
-  (``--compile-leaves``; the step-time pytrees add two more points).
+  (``--compile-leaves``; the step-time pytrees add two more points). The flat
+  variant's step takes *per-leaf* gradients, packs them into the layout inside
+  the step and updates the stored flat parameters and state, so its compile time
+  includes lowering and compiling the pack (the pack's trace is shared with the
+  packing of the parameters, which a program does before compiling its step).
+* **Pack time**, per pytree: the median wall time of the jitted ``layout.pack``
+  of the per-leaf gradients (not donated), the copy a flat step makes when its
+  gradients come from per-leaf code: add it to the flat step time in that case.
 * **State bytes per parameter**: every leaf of the optimizer state, counters
   included, over the number of parameters.
 
-The last column of the step table is the ratio of step times optim_jax / Optax
-(below 1: optim_jax is faster). Results go to stdout and, as JSON and Markdown,
+The last column of both tables, ``best ours/optax``, is the ratio optim_jax / Optax
+with optim_jax's faster variant: ``min(ours, flat) / optax`` (``ours / optax`` where
+there is no flat variant); below 1, optim_jax is faster. The columns before it
+give each variant's ratio. Results go to stdout and, as JSON and Markdown,
 to ``--out`` (default ``benchmarks/results/``) under
 ``optimizers_<device kind>_<date>_<time>.{json,md}``. The numbers are only
 comparable within one run: on a shared machine, read the ratios, and the load
@@ -53,9 +70,13 @@ import optax
 
 import optim_jax
 from benchmarks import report
+from optim_jax import FlatLayout, FlatParams
 
 F32 = 4  # bytes per float32 element
-LIBS = ("ours", "optax")
+LIBS = ("ours", "optax")  # the two libraries, on the per-leaf pytree
+# What is timed: optim_jax and Optax on the per-leaf pytree, and optim_jax's same
+# transformation on the stored flat layout ("flat").
+VARIANTS = ("ours", "flat", "optax")
 DEFAULT_SIZE = 2**26  # 67,108,864 parameters ("64M")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -82,18 +103,31 @@ BYTE_MODELS: dict[str, tuple[int, str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One optimizer: optim_jax's and Optax's constructors for the same update rule."""
+    """One optimizer: optim_jax's and Optax's constructors for the same update rule.
+
+    ``runs_flat``: whether optim_jax's transformation runs on the flat multi-tensor
+    layout (:class:`optim_jax.FlatParams`), which gives the "flat" variant.
+    """
 
     name: str
     make_ours: Callable[[], optax.GradientTransformation]
     make_optax: Callable[[], optax.GradientTransformation]
+    runs_flat: bool
 
     @property
     def bytes_per_param(self) -> int:
         return BYTE_MODELS[self.name][0]
 
-    def make(self, lib: str) -> optax.GradientTransformation:
-        return self.make_ours() if lib == "ours" else self.make_optax()
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants of :data:`VARIANTS` this optimizer is timed in."""
+        return VARIANTS if self.runs_flat else LIBS
+
+    def make(self, variant: str) -> optax.GradientTransformation:
+        """The transformation of a variant: "flat" is optim_jax's, given flat parameters."""
+        if variant not in self.variants:
+            raise ValueError(f"{self.name} has no variant {variant!r}; it has {self.variants}")
+        return self.make_optax() if variant == "optax" else self.make_ours()
 
 
 # Learning-rate schedule of the chain: warm-up from 0 to 1e-3 over 100 updates, cosine
@@ -108,27 +142,32 @@ ENTRIES: tuple[Entry, ...] = (
         "sgd_momentum",
         lambda: optim_jax.sgd(0.1, momentum=0.9),
         lambda: optax.sgd(0.1, momentum=0.9),
+        runs_flat=True,
     ),
-    Entry("adam", lambda: optim_jax.adam(1e-3), lambda: optax.adam(1e-3)),
+    Entry("adam", lambda: optim_jax.adam(1e-3), lambda: optax.adam(1e-3), runs_flat=True),
     Entry(
         "adamw",
         lambda: optim_jax.adamw(1e-3, weight_decay=0.01),
         lambda: optax.adamw(1e-3, weight_decay=0.01),
+        runs_flat=True,
     ),
     Entry(
         "lamb",
         lambda: optim_jax.lamb(1e-3, weight_decay=0.01),
         lambda: optax.lamb(1e-3, weight_decay=0.01),
+        runs_flat=False,  # its trust ratio takes the norms of each tensor
     ),
     Entry(
         "lion",
         lambda: optim_jax.lion(1e-4, weight_decay=0.01),
         lambda: optax.lion(1e-4, weight_decay=0.01),
+        runs_flat=True,
     ),
     Entry(
         "adafactor",
         lambda: optim_jax.adafactor(1e-2, min_dim_size_to_factor=128),
         lambda: optax.adafactor(1e-2, min_dim_size_to_factor=128),
+        runs_flat=False,  # it factors each matrix into row and column statistics
     ),
     Entry(
         "clip_adamw_cosine",
@@ -140,6 +179,7 @@ ENTRIES: tuple[Entry, ...] = (
             optax.clip_by_global_norm(1.0),
             optax.adamw(optax.warmup_cosine_decay_schedule(*CHAIN_SCHEDULE), weight_decay=0.1),
         ),
+        runs_flat=True,  # the global norm sums over all buffers, as over all leaves
     ),
 )
 ENTRY_NAMES = tuple(entry.name for entry in ENTRIES)
@@ -266,6 +306,36 @@ def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, fl
     return compiled, time.perf_counter() - start, state
 
 
+def abstract_flat(params: Any) -> tuple[FlatLayout, FlatParams]:
+    """``(layout, abstract flat params)`` of a per-leaf pytree (abstract or concrete)."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    layout = optim_jax.flat_layout(params)
+    return layout, jax.eval_shape(layout.pack, params)
+
+
+def compile_flat_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, float, Any]:
+    """``(compiled step, seconds to trace + lower + compile, abstract state)`` of the flat step
+    that takes per-leaf gradients: ``step(flat_params, state, grads)`` packs ``grads`` into the
+    layout of ``params`` and updates the stored flat parameters and state (both donated).
+
+    ``params`` is the per-leaf pytree (abstract or concrete). Building the abstract flat
+    parameters traces the pack once before the clock starts, as a program packs its
+    parameters before compiling its step; lowering and compiling the pack are timed.
+    """
+    layout, flat_params = abstract_flat(params)
+    leaf_grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = jax.eval_shape(tx.init, flat_params)
+    start = time.perf_counter()
+    update = make_step(tx)
+
+    def step(flat_params, state, grads):
+        return update(flat_params, state, layout.pack(grads))
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled = jitted.lower(flat_params, state, leaf_grads).compile()
+    return compiled, time.perf_counter() - start, state
+
+
 class Loop:
     """Calls ``carry = fn(*carry, *consts)`` and times each call to completion."""
 
@@ -307,37 +377,92 @@ def measure_ceiling(n: int, warmup: int, repeats: int) -> dict[str, float]:
     return {name: moved[name] / statistics.median(ts) for name, ts in samples.items()}
 
 
+def xla_bytes_accessed(compiled: Any) -> float:
+    """The bytes XLA's cost analysis counts for one call of a compiled step: what the
+    fused kernels it chose read and write, to set beside the byte model's floor."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per device program
+        analysis = analysis[0]
+    return float(analysis["bytes accessed"])
+
+
+def time_pack(grads: Any, warmup: int, repeats: int) -> list[float]:
+    """Per-call times of the compiled ``layout.pack`` of the per-leaf ``grads`` (not donated)."""
+    layout = optim_jax.flat_layout(grads)
+    pack = jax.jit(layout.pack).lower(grads).compile()
+    # The carry is the last result, which each call drops: every call packs ``grads`` afresh.
+    loop = Loop(lambda _last, tree: (pack(tree),), (None,), grads)
+    return time_interleaved({"pack": loop}, warmup, repeats)["pack"]
+
+
 def bench_steps(
     entry: Entry, shapes: dict[str, tuple[int, ...]], grads: Any, warmup: int, repeats: int
 ) -> dict[str, Any]:
-    """Step times, compile times and state sizes of both libraries on one pytree."""
-    loops, compile_s, state_bytes = {}, {}, {}
-    for lib in LIBS:
-        tx = entry.make(lib)
+    """Step times, compile times and state sizes of every variant of ``entry`` on one pytree.
+
+    The flat variant's step time is that of the stored layout (flat gradients, packed
+    before timing); its compile time, that of the step that packs per-leaf gradients
+    (:func:`compile_flat_step`), as in the compile sweep.
+    """
+    loops, compile_s, state_bytes, xla_bytes = {}, {}, {}, {}
+    for variant in entry.variants:
+        tx = entry.make(variant)
         params = random_tree(shapes, seed=0, scale=0.02)
-        compiled, compile_s[lib], abstract_state = compile_step(tx, params)
-        state_bytes[lib] = tree_bytes(abstract_state)
-        loops[lib] = Loop(compiled, (params, tx.init(params)), grads)
+        variant_grads = grads
+        if variant == "flat":
+            compile_s[variant] = compile_flat_step(tx, params)[1]
+            layout = optim_jax.flat_layout(params)
+            params, variant_grads = layout.pack(params), layout.pack(grads)
+            compiled, _, abstract_state = compile_step(tx, params)
+        else:
+            compiled, compile_s[variant], abstract_state = compile_step(tx, params)
+        state_bytes[variant] = tree_bytes(abstract_state)
+        xla_bytes[variant] = xla_bytes_accessed(compiled)
+        loops[variant] = Loop(compiled, (params, tx.init(params)), variant_grads)
+        del params, variant_grads  # the loop holds them: donated at its first call
     samples = time_interleaved(loops, warmup, repeats)
     n = num_params(shapes)
     return {
         "optimizer": entry.name,
         "leaves": len(shapes),
         "params": n,
+        "runs_flat": entry.runs_flat,
         "bytes_per_param": entry.bytes_per_param,
-        "state_bytes_per_param": {lib: state_bytes[lib] / n for lib in LIBS},
+        "state_bytes_per_param": {v: state_bytes[v] / n for v in entry.variants},
+        "xla_bytes_per_param": {v: xla_bytes[v] / n for v in entry.variants},
         "compile_s": compile_s,
-        "step_s": {lib: statistics.median(samples[lib]) for lib in LIBS},
+        "step_s": {v: statistics.median(samples[v]) for v in entry.variants},
         "samples_s": samples,
     }
 
 
 def bench_compile(entry: Entry, n_leaves: int, size: int) -> dict[str, float]:
+    """Compile seconds of every variant of ``entry`` at ``n_leaves`` leaves (abstract)."""
     abstract = abstract_tree(tree_shapes(size, n_leaves))
-    return {lib: compile_step(entry.make(lib), abstract)[1] for lib in LIBS}
+    return {
+        variant: (compile_flat_step if variant == "flat" else compile_step)(
+            entry.make(variant), abstract
+        )[1]
+        for variant in entry.variants
+    }
+
+
+def ratios(seconds: dict[str, float]) -> dict[str, float | None]:
+    """Time ratios against Optax: ours, flat (None without that variant), and the better one."""
+    flat = seconds.get("flat")
+    return {
+        "ratio": seconds["ours"] / seconds["optax"],
+        "ratio_flat": None if flat is None else flat / seconds["optax"],
+        "best_ratio": min(seconds["ours"], seconds.get("flat", math.inf)) / seconds["optax"],
+    }
 
 
 # ----------------------------------------------------------------------------- tables
+
+
+def _cell(value: float | None, scale: float, digits: int) -> str:
+    """``value x scale`` with ``digits`` decimals; "-" where the variant does not exist."""
+    return "-" if value is None else f"{scale * value:.{digits}f}"
 
 
 STEP_COLUMNS: list[report.Column] = [
@@ -346,19 +471,30 @@ STEP_COLUMNS: list[report.Column] = [
     ("model B/param", lambda r: str(r["bytes_per_param"])),
     ("state B/param ours", lambda r: f"{r['state_bytes_per_param']['ours']:.2f}"),
     ("state B/param optax", lambda r: f"{r['state_bytes_per_param']['optax']:.2f}"),
-    ("ours ms", lambda r: f"{1e3 * r['step_s']['ours']:.2f}"),
-    ("optax ms", lambda r: f"{1e3 * r['step_s']['optax']:.2f}"),
-    ("ours % ceiling", lambda r: f"{100 * r['fraction_of_ceiling']['ours']:.0f}"),
-    ("optax % ceiling", lambda r: f"{100 * r['fraction_of_ceiling']['optax']:.0f}"),
-    ("ratio ours/optax", lambda r: f"{r['ratio']:.2f}"),
+    (
+        "XLA B/param ours/flat/optax",
+        lambda r: "/".join(_cell(r["xla_bytes_per_param"].get(v), 1, 0) for v in VARIANTS),
+    ),
+    ("ours ms", lambda r: _cell(r["step_s"]["ours"], 1e3, 2)),
+    ("flat ms", lambda r: _cell(r["step_s"].get("flat"), 1e3, 2)),
+    ("optax ms", lambda r: _cell(r["step_s"]["optax"], 1e3, 2)),
+    ("ours % ceiling", lambda r: _cell(r["fraction_of_ceiling"]["ours"], 100, 0)),
+    ("flat % ceiling", lambda r: _cell(r["fraction_of_ceiling"].get("flat"), 100, 0)),
+    ("optax % ceiling", lambda r: _cell(r["fraction_of_ceiling"]["optax"], 100, 0)),
+    ("ratio ours/optax", lambda r: _cell(r["ratio"], 1, 2)),
+    ("ratio flat/optax", lambda r: _cell(r["ratio_flat"], 1, 2)),
+    ("best ours/optax", lambda r: _cell(r["best_ratio"], 1, 2)),
 ]
 
 COMPILE_COLUMNS: list[report.Column] = [
     ("optimizer", lambda r: r["optimizer"]),
     ("leaves", lambda r: str(r["leaves"])),
-    ("ours s", lambda r: f"{r['compile_s']['ours']:.2f}"),
-    ("optax s", lambda r: f"{r['compile_s']['optax']:.2f}"),
-    ("ratio ours/optax", lambda r: f"{r['ratio']:.2f}"),
+    ("ours s", lambda r: _cell(r["compile_s"]["ours"], 1, 2)),
+    ("flat s", lambda r: _cell(r["compile_s"].get("flat"), 1, 2)),
+    ("optax s", lambda r: _cell(r["compile_s"]["optax"], 1, 2)),
+    ("ratio ours/optax", lambda r: _cell(r["ratio"], 1, 2)),
+    ("ratio flat/optax", lambda r: _cell(r["ratio_flat"], 1, 2)),
+    ("best ours/optax", lambda r: _cell(r["best_ratio"], 1, 2)),
 ]
 
 
@@ -369,7 +505,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     meta, ceiling = result["meta"], result["ceiling"]
     gbs = lambda x: f"{x / 1e9:.1f} GB/s"  # noqa: E731
     pytrees = ", ".join(f"{name} {n:,} params" for name, n in meta["pytree_params"].items())
-    return [
+    lines = [
         *report.machine_lines(meta),
         f"pytrees: {pytrees}; float32; {meta['warmup']} warm-up calls, median of "
         f"{meta['repeats']} timed calls",
@@ -377,6 +513,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{gbs(ceiling['end']['scale'])}, triad {gbs(ceiling['start']['triad'])} / "
         f"{gbs(ceiling['end']['triad'])}, before / after the step timings)",
     ]
+    if result["pack"]:
+        packs = ", ".join(f"{name} {1e3 * p['pack_s']:.2f}" for name, p in result["pack"].items())
+        lines.append(
+            f"pack ms (per-leaf gradients into the flat layout, not in flat ms: add it when "
+            f"gradients come from per-leaf code): {packs}"
+        )
+    return lines
 
 
 def format_report(result: dict[str, Any], markdown: bool) -> str:
@@ -476,9 +619,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     _progress("measuring the copy ceiling")
     ceiling = {"start": measure_ceiling(n_ceiling, args.warmup, args.repeats)}
 
-    steps, compile_s = [], {}
+    steps, compile_s, pack = [], {}, {}
     for tree_name, shapes in pytrees.items():
         grads = random_tree(shapes, seed=1, scale=1e-3)
+        if any(entry.runs_flat for entry in entries):
+            _progress(f"pack time: {tree_name} ({len(shapes)} leaves)")
+            samples = time_pack(grads, args.warmup, args.repeats)
+            pack[tree_name] = {"pack_s": statistics.median(samples), "samples_s": samples}
         for entry in entries:
             _progress(f"step time: {entry.name} on {tree_name} ({len(shapes)} leaves)")
             record = {"pytree": tree_name} | bench_steps(
@@ -492,12 +639,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     ceiling["bytes_per_s"] = max(max(ceiling["start"].values()), max(ceiling["end"].values()))
     for record in steps:
         rates = {
-            lib: record["bytes_per_param"] * record["params"] / record["step_s"][lib]
-            for lib in LIBS
+            variant: record["bytes_per_param"] * record["params"] / seconds
+            for variant, seconds in record["step_s"].items()
         }
         record["bandwidth_bytes_per_s"] = rates
-        record["fraction_of_ceiling"] = {lib: rates[lib] / ceiling["bytes_per_s"] for lib in LIBS}
-        record["ratio"] = record["step_s"]["ours"] / record["step_s"]["optax"]
+        record["fraction_of_ceiling"] = {
+            variant: rate / ceiling["bytes_per_s"] for variant, rate in rates.items()
+        }
+        record.update(ratios(record["step_s"]))
 
     for entry in entries:
         for n in args.compile_leaves:
@@ -505,7 +654,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 _progress(f"compile time: {entry.name} at {n} leaves")
                 compile_s[entry.name, n] = bench_compile(entry, n, args.size)
     compiles = [
-        {"optimizer": name, "leaves": n, "compile_s": s, "ratio": s["ours"] / s["optax"]}
+        {"optimizer": name, "leaves": n, "compile_s": s} | ratios(s)
         for (name, n), s in sorted(
             compile_s.items(), key=lambda kv: (ENTRY_NAMES.index(kv[0][0]), kv[0][1])
         )
@@ -515,6 +664,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "meta": meta,
         "byte_models": {entry.name: BYTE_MODELS[entry.name] for entry in entries},
         "ceiling": ceiling,
+        "pack": pack,
         "steps": steps,
         "compile": compiles,
         "tables": {

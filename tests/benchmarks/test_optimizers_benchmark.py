@@ -1,12 +1,17 @@
 """``python -m benchmarks.optimizers`` end to end at tiny sizes, and its building blocks.
 
-Nothing here asserts on timings: the benchmark's numbers are only read by people.
+Nothing here asserts on timings: the benchmark's numbers are only read by people. What is
+checked is that the tables and files have the promised columns and records, and that every
+timed step computes the update it claims to: each Optax pair the same rule, and the flat
+variant (stored layout, and the compile sweep's step that packs per-leaf gradients) the
+per-leaf step's parameters.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +19,16 @@ import numpy as np
 import optax
 import pytest
 
+import optim_jax
 from benchmarks import optimizers as bench
 from benchmarks import report
 
-SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")
+SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")  # flat, not flat, flat chain
 RATIO = "ratio ours/optax"
+LAST = "best ours/optax"  # the last column of both tables
+FLAT_COLUMNS = ("flat ms", "flat % ceiling", "ratio flat/optax")
+# Optimizers whose rule is per tensor (trust ratio, factored moments): no flat variant.
+PER_TENSOR = {"lamb", "adafactor"}
 
 
 def test_end_to_end_tiny(tmp_path, capsys):
@@ -27,15 +37,17 @@ def test_end_to_end_tiny(tmp_path, capsys):
     result = bench.main(argv)
     printed = capsys.readouterr().out
 
-    # The step table is printed, its last column is the ratio, one row per optimizer and pytree.
+    # The step table is printed, its last column is the best ratio, one row per optimizer and
+    # pytree; every row ends in a number, flat optimizer or not.
     step_header = next(line for line in printed.splitlines() if line.startswith("optimizer"))
-    assert step_header.split()[-2:] == RATIO.split()[-2:]
+    assert step_header.endswith(LAST)
     for name in SUBSET:
         rows = [line for line in printed.splitlines() if line.startswith(name + " ")]
         # two step rows (transformer, split) and four compile rows (2, 5, 20, 51 leaves)
         assert len(rows) == 6, rows
         for row in rows:
             assert float(row.split()[-1]) > 0
+    assert "pack ms" in printed
 
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2
@@ -44,21 +56,46 @@ def test_end_to_end_tiny(tmp_path, capsys):
 
     saved = json.loads((tmp_path / files[0]).read_text())
     table = saved["tables"]["steps"]
-    assert table["headers"][-1] == RATIO
+    assert table["headers"][-1] == LAST
+    assert {RATIO, *FLAT_COLUMNS} <= set(table["headers"])
     assert [row[:2] for row in table["rows"]] == [
         [name, f"{tree} ({leaves} leaves)"]
         for tree, leaves in (("transformer", bench.TRANSFORMER_LEAVES), ("split", 20))
         for name in SUBSET
     ]
-    for record in saved["steps"]:
-        assert record["ratio"] == pytest.approx(
-            record["step_s"]["ours"] / record["step_s"]["optax"]
-        )
-        assert len(record["samples_s"]["ours"]) == len(record["samples_s"]["optax"]) == 2
+    for record, row in zip(saved["steps"], table["rows"], strict=True):
+        flat = record["optimizer"] not in PER_TENSOR
+        assert record["runs_flat"] == flat
+        variants = ["ours", "flat", "optax"] if flat else ["ours", "optax"]
+        for key in ("step_s", "compile_s", "samples_s", "fraction_of_ceiling"):
+            assert sorted(record[key]) == sorted(variants), key
+        assert all(len(record["samples_s"][v]) == 2 for v in variants)
+        seconds = record["step_s"]
+        assert record["ratio"] == pytest.approx(seconds["ours"] / seconds["optax"])
+        best = min(seconds["ours"], seconds.get("flat", seconds["ours"]))
+        assert record["best_ratio"] == pytest.approx(best / seconds["optax"])
+        cells = dict(zip(table["headers"], row, strict=True))
+        if flat:
+            assert record["ratio_flat"] == pytest.approx(seconds["flat"] / seconds["optax"])
+            assert all(float(cells[column]) >= 0 for column in FLAT_COLUMNS)
+        else:
+            assert record["ratio_flat"] is None
+            assert all(cells[column] == "-" for column in FLAT_COLUMNS)
         assert record["bytes_per_param"] == bench.BYTE_MODELS[record["optimizer"]][0]
+    # One pack time per pytree, as many samples as timed steps.
+    assert sorted(saved["pack"]) == ["split", "transformer"]
+    for pack in saved["pack"].values():
+        assert len(pack["samples_s"]) == 2 and pack["pack_s"] > 0
+
     compiled = {(r["optimizer"], r["leaves"]) for r in saved["compile"]}
     assert compiled == {(n, k) for n in SUBSET for k in (2, 5, 20, bench.TRANSFORMER_LEAVES)}
-    assert saved["tables"]["compile"]["headers"][-1] == RATIO
+    compile_table = saved["tables"]["compile"]
+    assert compile_table["headers"][-1] == LAST
+    assert {"flat s", "ratio flat/optax"} <= set(compile_table["headers"])
+    for record, row in zip(saved["compile"], compile_table["rows"], strict=True):
+        flat = record["optimizer"] not in PER_TENSOR
+        assert ("flat" in record["compile_s"]) == flat
+        assert (row[compile_table["headers"].index("flat s")] == "-") == (not flat)
     assert saved["meta"]["command"].startswith("python -m benchmarks.optimizers --size 20000")
     assert saved["tables"] == result["tables"]
 
@@ -139,6 +176,107 @@ def test_pairs_compute_the_same_update(entry):
         start = np.asarray(params[path])
         assert not np.allclose(theirs, start), path  # the step moved the parameters
         np.testing.assert_allclose(ours - start, theirs - start, rtol=2e-4, atol=1e-7, err_msg=path)
+
+
+def test_flat_marking_matches_the_transformations():
+    """LAMB and Adafactor, per tensor, are the entries without a flat variant; the rest have it."""
+    assert {entry.name for entry in bench.ENTRIES if not entry.runs_flat} == PER_TENSOR
+    for entry in bench.ENTRIES:
+        assert ("flat" in entry.variants) == entry.runs_flat
+        assert set(bench.LIBS) <= set(entry.variants)
+    lamb = next(entry for entry in bench.ENTRIES if entry.name == "lamb")
+    with pytest.raises(ValueError, match="no variant"):
+        lamb.make("flat")
+
+
+# Leaves of several ranks and sizes, a scalar included, so that the layout has columns of
+# several leaves side by side in its one float32 buffer.
+FLAT_SHAPES = {"matrix": (24, 40), "small": (3, 5), "vector": (40,), "scalar": ()}
+
+
+def _two_steps(step: Any, params: Any, state: Any, grads: list[Any]) -> Any:
+    for g in grads:
+        params, state = step(params, state, g)
+    return params
+
+
+def _flat_setup(entry: bench.Entry) -> tuple[Any, Any, list[Any], Any]:
+    """``(tx, params, two gradients, layout)`` on :data:`FLAT_SHAPES`."""
+    params = bench.random_tree(FLAT_SHAPES, seed=0, scale=0.5)
+    # scale 1: the gradients' global norm is about 30, so the chain's clipping to 1 acts
+    grads = [bench.random_tree(FLAT_SHAPES, seed=s, scale=1.0) for s in (1, 2)]
+    return entry.make_ours(), params, grads, optim_jax.flat_layout(params)
+
+
+FLAT_ENTRIES = [entry for entry in bench.ENTRIES if entry.runs_flat]
+
+
+@pytest.mark.parametrize("entry", FLAT_ENTRIES, ids=lambda e: e.name)
+def test_flat_benchmark_steps_compute_the_per_leaf_update(entry):
+    """The two compiled flat steps of the benchmark: the stored layout's (what "flat ms" times)
+    and the one that packs per-leaf gradients (what "flat s" times) give the compiled per-leaf
+    step's params: bit for bit for elementwise rules; the clip chain's global norm adds the same
+    squares in another order, so it agrees to float32 rounding of that sum: rtol 1e-6 (a few
+    ulps; float32 eps is 1.2e-7).
+    """
+    tx, params, grads, layout = _flat_setup(entry)
+    per_leaf_step, _, _ = bench.compile_step(tx, params)
+    # donated: fresh copies of the parameters and state
+    expected = _two_steps(per_leaf_step, jax.tree.map(jnp.copy, params), tx.init(params), grads)
+    _, abstract_params = bench.abstract_flat(params)
+    stored_step, _, _ = bench.compile_step(tx, abstract_params)
+    packing_step, seconds, abstract_state = bench.compile_flat_step(tx, params)
+    assert seconds > 0
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), tx.init(layout.pack(params))) == (
+        jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
+    )
+    # fresh buffers for each step: both donate parameters and state
+    results = {
+        "stored": _two_steps(
+            stored_step,
+            layout.pack(params),
+            tx.init(layout.pack(params)),
+            [layout.pack(g) for g in grads],
+        ),
+        "packing": _two_steps(
+            packing_step, layout.pack(params), tx.init(layout.pack(params)), grads
+        ),
+    }
+    for name, got in results.items():
+        got = layout.unpack(got)
+        for path in FLAT_SHAPES:
+            want, have = np.asarray(expected[path]), np.asarray(got[path])
+            assert not np.array_equal(want, np.asarray(params[path])), path  # the steps moved it
+            if entry.name == "clip_adamw_cosine":
+                np.testing.assert_allclose(have, want, rtol=1e-6, atol=0, err_msg=f"{name} {path}")
+            else:
+                np.testing.assert_array_equal(have, want, err_msg=f"{name} {path}")
+
+
+@pytest.mark.parametrize("name", sorted(PER_TENSOR))
+def test_per_tensor_optimizers_refuse_the_flat_layout(name):
+    entry = next(entry for entry in bench.ENTRIES if entry.name == name)
+    tx, params, _, layout = _flat_setup(entry)
+    with pytest.raises(ValueError, match="FlatParams"):
+        tx.init(layout.pack(params))
+
+
+def test_pack_timing_returns_one_time_per_call():
+    grads = bench.random_tree(FLAT_SHAPES, seed=1, scale=1.0)
+    times = bench.time_pack(grads, warmup=1, repeats=3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_ratios_pick_the_faster_optim_jax_variant():
+    with_flat = bench.ratios({"ours": 2.0, "flat": 1.0, "optax": 4.0})
+    assert with_flat == {"ratio": 0.5, "ratio_flat": 0.25, "best_ratio": 0.25}
+    slow_flat = bench.ratios({"ours": 2.0, "flat": 3.0, "optax": 4.0})
+    assert slow_flat["best_ratio"] == 0.5
+    assert bench.ratios({"ours": 2.0, "optax": 4.0}) == {
+        "ratio": 0.5,
+        "ratio_flat": None,
+        "best_ratio": 0.5,
+    }
 
 
 def test_cli_rejects_unknown_optimizer(capsys):
