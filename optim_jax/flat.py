@@ -37,21 +37,24 @@ shard counts, are supported.
 
 **Which transformations.** The flat buffers are ordinary arrays, so every
 transformation whose update is elementwise (SGD with momentum, Adam, AdamW,
-Lion, RMSprop, Adagrad, value clipping, schedules) or reduces over all leaves
-together (global-norm clipping) gives the per-leaf path's results: bitwise for
-elementwise ones, to float32 rounding of the sum for global norms, whose terms
-are added in another order. Transformations whose rule needs each parameter
-tensor on its own (LAMB's and LARS's trust ratios, Adafactor's factored
-moments, adaptive gradient clipping, masks by parameter name) would see one
-tensor per group; this library's refuse :class:`FlatParams` with an error
-(:func:`refuse_flat`) rather than compute something else.
+Lion, RMSprop, Adagrad, Sophia, value clipping, schedules) gives the per-leaf
+path's results bit for bit, and one that reduces over all leaves together
+(global-norm clipping) to float32 rounding: the same squares are added in another
+order. LAMB's and LARS's trust ratios take the norm of each parameter tensor
+through :func:`map_per_tensor`, which on the flat layout sums whole chunks: every
+leaf starts at a multiple of :data:`CHUNK` columns (the gaps hold zeros, which
+these rules keep at zero), so the norms cost a reshape, a sum and a segment sum
+whatever the number of leaves; they too agree to float32 rounding. Rules that need
+a tensor's shape (Adafactor's factored moments, adaptive gradient clipping per
+unit) or its name (masks, groups, layer-wise decay) refuse :class:`FlatParams`
+with an error (:func:`refuse_flat`) rather than compute something else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,13 +64,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from optim_jax.base import Array, Params
 
+# Every leaf starts at a multiple of CHUNK columns (zeros fill the gaps), so that sums over
+# one tensor are sums over whole chunks: a reshape, a sum and a segment sum over
+# ``columns / CHUNK`` values, whatever the number of leaves.
+CHUNK = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class LeafSlot:
     """Where one leaf lives in its group buffer.
 
     ``grid[i]`` is the number of shards of dimension ``i``; the leaf occupies
-    columns ``[offset, offset + columns)`` of every row of the group buffer.
+    columns ``[offset, offset + columns)`` of every row of the group buffer, and
+    ``offset`` is a multiple of :data:`CHUNK`.
     """
 
     path: str
@@ -88,6 +97,10 @@ class LeafSlot:
         shard_first = [2 * i for i in range(rank)] + [2 * i + 1 for i in range(rank)]
         rows = x.reshape(interleaved).transpose(shard_first)
         return rows.reshape(math.prod(self.grid), self.columns)
+
+    @property
+    def padded_columns(self) -> int:
+        return -(-self.columns // CHUNK) * CHUNK
 
     def from_rows(self, rows: Array) -> Array:
         """The inverse of :meth:`to_rows`."""
@@ -155,9 +168,11 @@ class FlatLayout:
         leaves = self.treedef.flatten_up_to(tree)
         buffers = {}
         for g, group in enumerate(self.groups):
-            rows = [
-                self.slots[i].to_rows(jnp.asarray(leaves[i], group.dtype)) for i in self.members(g)
-            ]
+            rows = []
+            for i in self.members(g):
+                slot = self.slots[i]
+                leaf_rows = slot.to_rows(jnp.asarray(leaves[i], group.dtype))
+                rows.append(jnp.pad(leaf_rows, ((0, 0), (0, slot.padded_columns - slot.columns))))
             buffer = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
             buffers[group.name] = _constrain(buffer, group.sharding)
         return FlatParams(buffers, self)
@@ -166,11 +181,46 @@ class FlatLayout:
         leaves: list[Array | None] = [None] * self.num_leaves
         for g, group in enumerate(self.groups):
             members = self.members(g)
-            cuts = [self.slots[i].offset for i in members[1:]]
-            pieces = jnp.split(flat.buffers[group.name], cuts, axis=1)
-            for i, rows in zip(members, pieces, strict=True):
+            # One split per buffer (its transpose is one concatenation): each leaf, then the
+            # zeros that pad it to a whole chunk, if any.
+            bounds = [b for i in members for b in (self.slots[i].offset, self._end(i))]
+            cuts = sorted(set(bounds) - {0, group.columns})
+            split = jnp.split(flat.buffers[group.name], cuts, axis=1)
+            pieces = dict(zip([0, *cuts], split, strict=True))
+            for i in members:
+                rows = pieces[self.slots[i].offset]
                 leaves[i] = _constrain(self.slots[i].from_rows(rows), self.slots[i].sharding)
         return self.treedef.unflatten(leaves)
+
+    def _end(self, i: int) -> int:
+        return self.slots[i].offset + self.slots[i].columns
+
+    def tensor_norms(self, name: str, x: Array) -> Array:
+        """The L2 norm of each tensor of group ``name``, one per column chunk of ``x``.
+
+        ``x`` is a :meth:`chunked` view ``(shards, columns // CHUNK, CHUNK)`` of a
+        buffer of that group; the result has shape ``(1, columns // CHUNK, 1)``: every
+        element sees the norm of the parameter tensor it belongs to. Computed in
+        float32 or wider, with the square root kept off zero as :func:`leaf_norm` does.
+        """
+        g = [group.name for group in self.groups].index(name)
+        members = self.members(g)
+        chunk_starts = jnp.asarray([self.slots[i].offset // CHUNK for i in members], jnp.int32)
+        n_chunks = self.groups[g].columns // CHUNK
+        tensor_of_chunk = jnp.searchsorted(chunk_starts, jnp.arange(n_chunks), side="right") - 1
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        chunk_sums = jnp.sum(jnp.square(x), axis=2)  # (shards, chunks)
+        # Summed over each shard's chunks first, so that only one value per tensor and
+        # shard crosses devices.
+        sums = jax.ops.segment_sum(
+            chunk_sums.T, tensor_of_chunk, num_segments=len(members), indices_are_sorted=True
+        ).sum(axis=1)
+        return _sqrt_off_zero(sums)[tensor_of_chunk][None, :, None]
+
+    @staticmethod
+    def chunked(x: Array) -> Array:
+        """A ``(shards, columns)`` buffer seen as ``(shards, columns // CHUNK, CHUNK)``."""
+        return x.reshape(x.shape[0], x.shape[1] // CHUNK, CHUNK)
 
     def shardings(self) -> FlatParams:
         """The buffers' shardings (None where unsharded), e.g. for ``out_shardings``."""
@@ -201,6 +251,46 @@ class FlatParams:
 
 def is_flat(x: Any) -> bool:
     return isinstance(x, FlatParams)
+
+
+def _sqrt_off_zero(squares: Array) -> Array:
+    """``sqrt(squares)`` whose gradient at 0 is 0 rather than NaN (for meta-gradients)."""
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
+def leaf_norm(x: Array) -> Array:
+    """The L2 norm of a whole array (Frobenius for matrices, ``|x|`` for a scalar)."""
+    return _sqrt_off_zero(jnp.sum(x * x))
+
+
+def map_per_tensor(fn: Callable[..., Array], tree: Any, *rest: Any) -> Any:
+    """``jax.tree.map`` for rules that scale each parameter tensor by a ratio of its norms.
+
+    ``fn(norm, x, *ys)`` is elementwise in ``x, *ys`` except through ``norm(z)``, the
+    L2 norm of the tensor each element of ``z`` belongs to, broadcastable against
+    ``z``. On an ordinary leaf ``fn`` gets the leaf and ``norm`` = :func:`leaf_norm`;
+    inside :class:`FlatParams` it gets each group buffer in chunks and ``norm`` =
+    :meth:`FlatLayout.tensor_norms`, so a rule written once runs on both layouts.
+    The norms' sums add the same squares in another order on the two layouts.
+    """
+
+    def on_flat(x: FlatParams, *ys: FlatParams) -> FlatParams:
+        layout, buffers = x.layout, {}
+        for group in layout.groups:
+            name = group.name
+
+            def norm(z: Array, name: str = name) -> Array:
+                return layout.tensor_norms(name, z)
+
+            views = [layout.chunked(y.buffers[name]) for y in (x, *ys)]
+            buffers[name] = fn(norm, *views).reshape(x.buffers[name].shape)
+        return FlatParams(buffers, layout)
+
+    def one(x: Any, *ys: Any) -> Any:
+        return on_flat(x, *ys) if is_flat(x) else fn(leaf_norm, x, *ys)
+
+    return jax.tree.map(one, tree, *rest, is_leaf=is_flat)
 
 
 def refuse_flat(tree: Any, transformation: str, why: str) -> None:
@@ -287,8 +377,9 @@ def flat_layout(params: Params) -> FlatLayout:
         g = keys[key]
         columns = math.prod(shape) // math.prod(grid)
         leaf_sharding = sharding if isinstance(sharding, NamedSharding) else None
-        slots.append(LeafSlot(name, shape, grid, group_specs[g]["columns"], columns, leaf_sharding))
-        group_specs[g]["columns"] += columns
+        slot = LeafSlot(name, shape, grid, group_specs[g]["columns"], columns, leaf_sharding)
+        slots.append(slot)
+        group_specs[g]["columns"] += slot.padded_columns
         leaf_groups.append(g)
     groups = tuple(
         Group(spec["name"], dtype, mesh, axes, spec["shards"], spec["columns"])

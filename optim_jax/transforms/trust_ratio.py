@@ -2,7 +2,9 @@
 
 Both rescale each parameter tensor (each leaf of the pytree) as a whole by a
 ratio of norms, so the step taken on a layer is proportional to the size of
-the layer's weights. Norms are taken over a whole leaf, in float32 or wider.
+the layer's weights. Norms are taken over a whole leaf (on the flat multi-tensor
+layout, over each tensor of a group buffer: :func:`optim_jax.flat.map_per_tensor`),
+in float32 or wider.
 Both transformations need ``params`` in ``update``.
 """
 
@@ -18,23 +20,9 @@ from optim_jax import base, flat, validation
 from optim_jax.transforms.weight_decay import MaskOrFn
 
 
-def _norm(x: jax.Array) -> jax.Array:
-    """The L2 norm of a whole leaf (Frobenius for matrices, ``|x|`` for a scalar).
-
-    The square root is kept off zero so that the gradient through an all-zero
-    leaf is 0 rather than NaN (for meta-gradients through the update).
-    """
-    squares = jnp.sum(x * x)
-    positive = squares > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
-
-
 def _ratio_or_one(numerator: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
     """``numerator / denominator`` where ``ok``, else 1; never divides by zero."""
     return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 1.0)
-
-
-PER_TENSOR_NORMS = "its trust ratio takes the norms of each parameter tensor"
 
 
 def _need_params(name: str, params: Any) -> None:
@@ -72,22 +60,22 @@ def scale_by_trust_ratio(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
-        flat.refuse_flat(params, "scale_by_trust_ratio (LAMB)", PER_TENSOR_NORMS)
+        del params
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         _need_params("scale_by_trust_ratio", params)
 
-        def one(u, p):
+        def one(norm, u, p):
             u32 = u.astype(base.compute_dtype(u.dtype))
-            p_norm = _norm(p.astype(u32.dtype))
-            u_norm = _norm(u32)
+            p_norm = norm(p.astype(u32.dtype))
+            u_norm = norm(u32)
             ratio = _ratio_or_one(
                 trust_coefficient * p_norm, u_norm + eps, (p_norm > 0) & (u_norm > 0)
             )
             return (ratio * u32).astype(u.dtype)
 
-        return jax.tree.map(one, updates, params), state
+        return flat.map_per_tensor(one, updates, params), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -135,18 +123,18 @@ def scale_by_lars(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
-        flat.refuse_flat(params, "scale_by_lars", PER_TENSOR_NORMS)
+        del params
         return base.CountState(count=base.init_count())
 
     def update_fn(updates, state, params=None):
         _need_params("scale_by_lars", params)
         wd = base.resolve(weight_decay, state.count)
 
-        def one(g, w):
+        def one(norm, g, w):
             g32 = g.astype(base.compute_dtype(g.dtype))
             w32 = w.astype(g32.dtype)
-            w_norm = _norm(w32)
-            g_norm = _norm(g32)
+            w_norm = norm(w32)
+            g_norm = norm(g32)
             local_lr = _ratio_or_one(
                 trust_coefficient * w_norm,
                 g_norm + wd * w_norm + eps,
@@ -154,7 +142,7 @@ def scale_by_lars(
             )
             return (local_lr * (g32 + wd * w32)).astype(g.dtype)
 
-        updates = jax.tree.map(one, updates, params)
+        updates = flat.map_per_tensor(one, updates, params)
         return updates, base.CountState(count=base.increment_count(state.count))
 
     transform = optax.GradientTransformation(init_fn, update_fn)
