@@ -12,13 +12,14 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
   parameters, optimizer state and gradients are packed once, before timing, into
   one buffer per dtype, as a program that keeps its parameters flat holds them
   (its gradients arrive flat, as the transpose of the model's ``layout.unpack``).
-  Only optimizers whose rule is elementwise or a global reduction have the flat
-  variant (:attr:`Entry.runs_flat`); LAMB and Adafactor work per tensor and refuse
-  the layout. Warm-up calls are excluded; the variants' steps are interleaved
-  (ours, flat, Optax, Optax, flat, ours, ...) so that load from other processes
-  hits all alike. Two float32 pytrees of about ``--size`` parameters:
-  ``transformer``, a 4-layer transformer-like tree of a few big matrices
-  (embedding, attention and MLP kernels, norms and biases: 51 leaves), and
+  Every optimizer but Adafactor has the flat variant (:attr:`Entry.runs_flat`):
+  elementwise rules, the global norm, and LAMB's per-tensor norms (summed by chunks
+  on the layout) run on it; Adafactor factors each matrix and refuses the layout.
+  Warm-up calls are excluded; the variants' steps are interleaved (ours, flat,
+  Optax, Optax, flat, ours, ...) so that load from other processes hits all alike.
+  Two float32 pytrees of about ``--size`` parameters: ``transformer``, a 4-layer
+  transformer-like tree of a few big matrices (embedding, attention and MLP
+  kernels, norms and biases: 51 leaves), and
   ``split``, the same kind of tree with about the same size spread over
   ``--leaves`` leaves (narrower, more layers).
 * **Bandwidth**: :data:`BYTE_MODELS` states, per optimizer, the bytes per
@@ -155,7 +156,7 @@ ENTRIES: tuple[Entry, ...] = (
         "lamb",
         lambda: optim_jax.lamb(1e-3, weight_decay=0.01),
         lambda: optax.lamb(1e-3, weight_decay=0.01),
-        runs_flat=False,  # its trust ratio takes the norms of each tensor
+        runs_flat=True,  # its trust ratio takes each tensor's norms by chunk sums
     ),
     Entry(
         "lion",
