@@ -222,10 +222,6 @@ class FlatLayout:
         """A ``(shards, columns)`` buffer seen as ``(shards, columns // CHUNK, CHUNK)``."""
         return x.reshape(x.shape[0], x.shape[1] // CHUNK, CHUNK)
 
-    def shardings(self) -> FlatParams:
-        """The buffers' shardings (None where unsharded), e.g. for ``out_shardings``."""
-        return FlatParams({group.name: group.sharding for group in self.groups}, self)
-
     def describe(self) -> str:
         """One line per group: name, shape, number of leaves."""
         lines = []
