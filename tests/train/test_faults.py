@@ -18,11 +18,11 @@ subprocess that SIGKILLs itself (no handler runs, nothing is flushed) at one exa
   (a tmp directory is, as train/checkpoint.py documents, an interrupted save that orbax
   replaces when the step is saved again).
 
-The Checkpointer-level versions of the damage cases are in test_checkpoint.py; the kill of
-``python -m train`` from outside is in test_loop.py. Every run here is a subprocess sharing one
-persistent XLA compilation cache (a temporary directory): a cold run costs ~30 s on a busy
-2-core machine, a warm one ~9 s. The cache holds compiled programs only; what is compared is
-the arithmetic, which a cached executable does not change.
+The Checkpointer-level versions of the damage cases are in test_checkpoint.py; ``python -m
+train`` stopped from outside (SIGTERM, exit 143, resume) is in test_preemption.py. Every run
+here is a subprocess sharing one persistent XLA compilation cache (a temporary directory): a
+cold run costs ~30 s on a busy 2-core machine, a warm one ~9 s. The cache holds compiled
+programs only; what is compared is the arithmetic, which a cached executable does not change.
 """
 
 from __future__ import annotations
