@@ -293,13 +293,18 @@ def make_step(tx: optax.GradientTransformation) -> Callable:
     return step
 
 
+def abstract(tree: Any) -> Any:
+    """``tree`` as ``jax.ShapeDtypeStruct`` leaves (shape and dtype only)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, float, Any]:
     """``(compiled step, seconds to trace + lower + compile, abstract state)``.
 
     ``params`` may be abstract (``jax.ShapeDtypeStruct``) or concrete; a new
     ``jax.jit`` object each time, so nothing comes from JAX's in-memory caches.
     """
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params = abstract(params)
     state = jax.eval_shape(tx.init, params)
     start = time.perf_counter()
     jitted = jax.jit(make_step(tx), donate_argnums=(0, 1))
@@ -309,7 +314,7 @@ def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, fl
 
 def abstract_flat(params: Any) -> tuple[FlatLayout, FlatParams]:
     """``(layout, abstract flat params)`` of a per-leaf pytree (abstract or concrete)."""
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params = abstract(params)
     layout = optim_jax.flat_layout(params)
     return layout, jax.eval_shape(layout.pack, params)
 
@@ -324,7 +329,7 @@ def compile_flat_step(tx: optax.GradientTransformation, params: Any) -> tuple[An
     parameters before compiling its step; lowering and compiling the pack are timed.
     """
     layout, flat_params = abstract_flat(params)
-    leaf_grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    leaf_grads = abstract(params)
     state = jax.eval_shape(tx.init, flat_params)
     start = time.perf_counter()
     update = make_step(tx)
