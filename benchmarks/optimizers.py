@@ -31,11 +31,12 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
   larger is kept).
 * **Compile time** of the same step (trace, lowering and XLA compilation, on
   abstract arguments: nothing is allocated) against the number of leaves
-  (``--compile-leaves``; the step-time pytrees add two more points). The flat
-  variant's step takes *per-leaf* gradients, packs them into the layout inside
-  the step and updates the stored flat parameters and state, so its compile time
-  includes lowering and compiling the pack (the pack's trace is shared with the
-  packing of the parameters, which a program does before compiling its step).
+  (``--compile-leaves``; the step-time pytrees add two more points); the flat
+  variant's on the stored layout, as timed. Beside it, ``pack s``: compiling the
+  ``layout.pack`` of per-leaf gradients, which a program adds when its gradients
+  come from per-leaf code (one that stores its parameters flat compiles instead
+  the transpose of ``layout.unpack``, one concatenation per buffer, in its
+  model's backward pass).
 * **Pack time**, per pytree: the median wall time of the jitted ``layout.pack``
   of the per-leaf gradients (not donated), the copy a flat step makes when its
   gradients come from per-leaf code: add it to the flat step time in that case.
@@ -319,27 +320,19 @@ def abstract_flat(params: Any) -> tuple[FlatLayout, FlatParams]:
     return layout, jax.eval_shape(layout.pack, params)
 
 
-def compile_flat_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, float, Any]:
-    """``(compiled step, seconds to trace + lower + compile, abstract state)`` of the flat step
-    that takes per-leaf gradients: ``step(flat_params, state, grads)`` packs ``grads`` into the
-    layout of ``params`` and updates the stored flat parameters and state (both donated).
-
-    ``params`` is the per-leaf pytree (abstract or concrete). Building the abstract flat
-    parameters traces the pack once before the clock starts, as a program packs its
-    parameters before compiling its step; lowering and compiling the pack are timed.
+def compile_pack(params: Any) -> float:
+    """Seconds to trace, lower and compile ``layout.pack`` of per-leaf gradients shaped like
+    ``params`` (abstract or concrete): what a program that packs its gradients inside its
+    step adds to the flat step's compile time. A program that stores its parameters flat
+    pays instead for the transpose of ``layout.unpack`` (one concatenation per buffer) in its
+    model's backward pass.
     """
-    layout, flat_params = abstract_flat(params)
-    leaf_grads = abstract(params)
-    state = jax.eval_shape(tx.init, flat_params)
+    layout, _ = abstract_flat(params)
+    # The pack is jitted with the layout static: a warm trace cache would hide its trace.
+    jax.clear_caches()
     start = time.perf_counter()
-    update = make_step(tx)
-
-    def step(flat_params, state, grads):
-        return update(flat_params, state, layout.pack(grads))
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled = jitted.lower(flat_params, state, leaf_grads).compile()
-    return compiled, time.perf_counter() - start, state
+    jax.jit(layout.pack).lower(abstract(params)).compile()
+    return time.perf_counter() - start
 
 
 class Loop:
@@ -406,9 +399,8 @@ def bench_steps(
 ) -> dict[str, Any]:
     """Step times, compile times and state sizes of every variant of ``entry`` on one pytree.
 
-    The flat variant's step time is that of the stored layout (flat gradients, packed
-    before timing); its compile time, that of the step that packs per-leaf gradients
-    (:func:`compile_flat_step`), as in the compile sweep.
+    The flat variant's step time and compile time are those of the stored layout (flat
+    gradients, packed before timing and compiling).
     """
     loops, compile_s, state_bytes, xla_bytes = {}, {}, {}, {}
     for variant in entry.variants:
@@ -416,12 +408,9 @@ def bench_steps(
         params = random_tree(shapes, seed=0, scale=0.02)
         variant_grads = grads
         if variant == "flat":
-            compile_s[variant] = compile_flat_step(tx, params)[1]
             layout = optim_jax.flat_layout(params)
             params, variant_grads = layout.pack(params), layout.pack(grads)
-            compiled, _, abstract_state = compile_step(tx, params)
-        else:
-            compiled, compile_s[variant], abstract_state = compile_step(tx, params)
+        compiled, compile_s[variant], abstract_state = compile_step(tx, params)
         state_bytes[variant] = tree_bytes(abstract_state)
         xla_bytes[variant] = xla_bytes_accessed(compiled)
         loops[variant] = Loop(compiled, (params, tx.init(params)), variant_grads)
@@ -443,12 +432,12 @@ def bench_steps(
 
 
 def bench_compile(entry: Entry, n_leaves: int, size: int) -> dict[str, float]:
-    """Compile seconds of every variant of ``entry`` at ``n_leaves`` leaves (abstract)."""
-    abstract = abstract_tree(tree_shapes(size, n_leaves))
+    """Compile seconds of every variant of ``entry`` at ``n_leaves`` leaves (abstract); the
+    flat variant's on the stored layout, as timed in the step table."""
+    per_leaf = abstract_tree(tree_shapes(size, n_leaves))
+    flat = abstract_flat(per_leaf)[1]
     return {
-        variant: (compile_flat_step if variant == "flat" else compile_step)(
-            entry.make(variant), abstract
-        )[1]
+        variant: compile_step(entry.make(variant), flat if variant == "flat" else per_leaf)[1]
         for variant in entry.variants
     }
 
@@ -502,6 +491,7 @@ COMPILE_COLUMNS: list[report.Column] = [
     ("leaves", lambda r: str(r["leaves"])),
     ("ours s", lambda r: _cell(r["compile_s"]["ours"], 1, 2)),
     ("flat s", lambda r: _cell(r["compile_s"].get("flat"), 1, 2)),
+    ("pack s", lambda r: _cell(r["pack_compile_s"], 1, 2)),
     ("optax s", lambda r: _cell(r["compile_s"]["optax"], 1, 2)),
     *RATIO_COLUMNS,
 ]
@@ -629,12 +619,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     ceiling = {"start": measure_ceiling(n_ceiling, args.warmup, args.repeats)}
 
     steps, compile_s, pack = [], {}, {}
+    pack_compile_s: dict[int, float] = {}  # leaves -> seconds to compile the pack
     for tree_name, shapes in pytrees.items():
         grads = random_tree(shapes, seed=1, scale=1e-3)
         if any(entry.runs_flat for entry in entries):
             _progress(f"pack time: {tree_name} ({len(shapes)} leaves)")
             samples = time_pack(grads, args.warmup, args.repeats)
             pack[tree_name] = {"pack_s": statistics.median(samples), "samples_s": samples}
+            pack_compile_s[len(shapes)] = compile_pack(grads)
         for entry in entries:
             _progress(f"step time: {entry.name} on {tree_name} ({len(shapes)} leaves)")
             record = {"pytree": tree_name} | bench_steps(
@@ -659,11 +651,21 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     for entry in entries:
         for n in args.compile_leaves:
+            if entry.runs_flat and n not in pack_compile_s:
+                _progress(f"compile time: pack at {n} leaves")
+                pack_compile_s[n] = compile_pack(abstract_tree(tree_shapes(args.size, n)))
             if (entry.name, n) not in compile_s:
                 _progress(f"compile time: {entry.name} at {n} leaves")
                 compile_s[entry.name, n] = bench_compile(entry, n, args.size)
+    runs_flat = {entry.name: entry.runs_flat for entry in entries}
     compiles = [
-        {"optimizer": name, "leaves": n, "compile_s": s} | ratios(s)
+        {
+            "optimizer": name,
+            "leaves": n,
+            "compile_s": s,
+            "pack_compile_s": pack_compile_s[n] if runs_flat[name] else None,
+        }
+        | ratios(s)
         for (name, n), s in sorted(
             compile_s.items(), key=lambda kv: (ENTRY_NAMES.index(kv[0][0]), kv[0][1])
         )
