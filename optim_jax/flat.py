@@ -44,10 +44,19 @@ order. LAMB's and LARS's trust ratios take the norm of each parameter tensor
 through :func:`map_per_tensor`, which on the flat layout sums whole chunks: every
 leaf starts at a multiple of :data:`CHUNK` columns (the gaps hold zeros, which
 these rules keep at zero), so the norms cost a reshape, a sum and a segment sum
-whatever the number of leaves; they too agree to float32 rounding. Rules that need
-a tensor's shape (Adafactor's factored moments, adaptive gradient clipping per
-unit) or its name (masks, groups, layer-wise decay) refuse :class:`FlatParams`
+whatever the number of leaves; they too agree to float32 rounding. Masks (``mask=`` of
+the weight-decay and LARS rules, through :func:`masked`) are given the per-leaf
+view (:meth:`FlatLayout.abstract_leaves`), so :func:`optim_jax.decay_mask` picks
+tensors by name and shape as it does per leaf, and the choice is applied per
+chunk. Rules that need a tensor's shape in the update (Adafactor's factored
+moments, adaptive gradient clipping per unit) or that give tensors different
+transformations by name (groups, layer-wise decay) refuse :class:`FlatParams`
 with an error (:func:`refuse_flat`) rather than compute something else.
+
+**Checkpoints and reports** read the per-leaf form: :func:`unflatten` turns every
+:class:`FlatParams` in a tree (parameters, optimizer state) back into per-leaf
+arrays and :func:`flatten_like` packs them again, so what is saved does not depend
+on the layout a program keeps.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from optim_jax.base import Array, Params
@@ -195,6 +205,17 @@ class FlatLayout:
     def _end(self, i: int) -> int:
         return self.slots[i].offset + self.slots[i].columns
 
+    def _tensor_of_chunk(self, g: int) -> Array:
+        """For each column chunk of group ``g``'s buffer, the index (among the group's
+        members) of the tensor it belongs to: computed, not a constant the size of the
+        buffer's chunk count baked into the program."""
+        starts = jnp.asarray([self.slots[i].offset // CHUNK for i in self.members(g)], jnp.int32)
+        chunks = jnp.arange(self.groups[g].columns // CHUNK)
+        return jnp.searchsorted(starts, chunks, side="right") - 1
+
+    def _group_index(self, name: str) -> int:
+        return [group.name for group in self.groups].index(name)
+
     def tensor_norms(self, name: str, x: Array) -> Array:
         """The L2 norm of each tensor of group ``name``, one per column chunk of ``x``.
 
@@ -203,19 +224,39 @@ class FlatLayout:
         element sees the norm of the parameter tensor it belongs to. Computed in
         float32 or wider, with the square root kept off zero as :func:`leaf_norm` does.
         """
-        g = [group.name for group in self.groups].index(name)
-        members = self.members(g)
-        chunk_starts = jnp.asarray([self.slots[i].offset // CHUNK for i in members], jnp.int32)
-        n_chunks = self.groups[g].columns // CHUNK
-        tensor_of_chunk = jnp.searchsorted(chunk_starts, jnp.arange(n_chunks), side="right") - 1
+        g = self._group_index(name)
+        tensor_of_chunk = self._tensor_of_chunk(g)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         chunk_sums = jnp.sum(jnp.square(x), axis=2)  # (shards, chunks)
         # Summed over each shard's chunks first, so that only one value per tensor and
         # shard crosses devices.
         sums = jax.ops.segment_sum(
-            chunk_sums.T, tensor_of_chunk, num_segments=len(members), indices_are_sorted=True
+            chunk_sums.T,
+            tensor_of_chunk,
+            num_segments=len(self.members(g)),
+            indices_are_sorted=True,
         ).sum(axis=1)
         return _sqrt_off_zero(sums)[tensor_of_chunk][None, :, None]
+
+    def per_tensor(self, name: str, values: Sequence[Any]) -> Array:
+        """One value per tensor of group ``name`` (in member order) spread over its chunks:
+        shape ``(1, columns // CHUNK, 1)``, broadcastable against a :meth:`chunked` view."""
+        g = self._group_index(name)
+        if len(values) != len(self.members(g)):
+            raise ValueError(
+                f"per_tensor: group {name!r} has {len(self.members(g))} tensors, "
+                f"got {len(values)} values"
+            )
+        return jnp.asarray(values)[self._tensor_of_chunk(g)][None, :, None]
+
+    def abstract_leaves(self) -> Params:
+        """The per-leaf pytree as ``jax.ShapeDtypeStruct`` s (shape, dtype, sharding):
+        what rules that choose parameters by name or shape (masks) are given."""
+        leaves = [
+            jax.ShapeDtypeStruct(slot.shape, self.groups[g].dtype, sharding=slot.sharding)
+            for slot, g in zip(self.slots, self.leaf_groups, strict=True)
+        ]
+        return self.treedef.unflatten(leaves)
 
     @staticmethod
     def chunked(x: Array) -> Array:
@@ -296,6 +337,94 @@ def refuse_flat(tree: Any, transformation: str, why: str) -> None:
             f"{transformation} cannot run on the flat multi-tensor layout (FlatParams): {why}. "
             "Give it the per-leaf parameters."
         )
+
+
+def unflatten(tree: Any) -> Any:
+    """``tree`` with every :class:`FlatParams` in it replaced by the per-leaf pytree it packs.
+
+    Works inside and outside ``jax.jit``; an abstract :class:`FlatParams` (of
+    ``jax.ShapeDtypeStruct`` s) becomes :meth:`FlatLayout.abstract_leaves`. A tree
+    without :class:`FlatParams` comes back unchanged, so code that reads parameters by
+    name (a model, a checkpoint, a report) can call it whatever layout a program keeps.
+    """
+
+    def one(x: Any) -> Any:
+        if not is_flat(x):
+            return x
+        if all(isinstance(b, jax.ShapeDtypeStruct) for b in x.buffers.values()):
+            return x.layout.abstract_leaves()
+        return x.layout.unpack(x)
+
+    return jax.tree.map(one, tree, is_leaf=is_flat)
+
+
+def flatten_like(template: Any, tree: Any) -> Any:
+    """The inverse of :func:`unflatten`: ``tree`` (per-leaf) packed wherever ``template``
+    holds :class:`FlatParams`, with that :class:`FlatParams`' layout."""
+    return jax.tree.map(
+        lambda t, x: t.layout.pack(x) if is_flat(t) else x, template, tree, is_leaf=is_flat
+    )
+
+
+def masked(
+    inner: optax.GradientTransformation, mask: Any | Callable[[Params], Any]
+) -> optax.GradientTransformation:
+    """``optax.masked(inner, mask)`` that also runs on :class:`FlatParams`.
+
+    On a per-leaf pytree it *is* ``optax.masked``. On :class:`FlatParams`, ``mask`` (a
+    pytree of booleans like the per-leaf parameters, or a function of them) is given
+    :meth:`FlatLayout.abstract_leaves`, so rules that choose tensors by name or shape
+    (:func:`optim_jax.decay_mask`) work unchanged; ``inner`` then updates every buffer
+    whole and each tensor keeps ``inner``'s update where its mask is True and the
+    incoming one where it is False: the same numbers as the per-leaf path. That needs
+    ``inner`` to treat each tensor on its own (elementwise or per-tensor rules) and to
+    keep no parameter-shaped state, which would hold the masked-out tensors too: such
+    an ``inner`` is refused. The state is ``optax.MaskedState`` on both layouts.
+    """
+    per_leaf = optax.masked(inner, mask)
+    inner = optax.with_extra_args_support(inner)  # a chain's other members' keyword arguments
+
+    def init_fn(params: Params) -> Any:
+        if not is_flat(params):
+            return per_leaf.init(params)
+        state = inner.init(params)
+        if any(is_flat(x) for x in jax.tree.leaves(state, is_leaf=is_flat)):
+            raise ValueError(
+                "masked: on the flat layout the masked transformation must keep no "
+                "parameter-shaped state (it would hold the masked-out tensors too)"
+            )
+        return optax.MaskedState(inner_state=state)
+
+    def update_fn(updates: Any, state: Any, params: Params | None = None, **extra: Any) -> Any:
+        if not is_flat(updates):
+            return per_leaf.update(updates, state, params, **extra)
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+        chosen = _select_per_tensor(mask, new_updates, updates)
+        return chosen, optax.MaskedState(inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _select_per_tensor(mask: Any, on_true: FlatParams, on_false: FlatParams) -> FlatParams:
+    """``on_true`` in the tensors where the per-leaf ``mask`` is True, else ``on_false``."""
+    layout = on_true.layout
+    view = layout.abstract_leaves()
+    mask_tree = mask(view) if callable(mask) else mask
+    # A mask may be a prefix of the parameters' tree: each of its leaves covers a subtree.
+    spread = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, view)
+    leaf_masks = layout.treedef.flatten_up_to(spread)
+    buffers = {}
+    for g, group in enumerate(layout.groups):
+        values = [leaf_masks[i] for i in layout.members(g)]
+        t, f = on_true.buffers[group.name], on_false.buffers[group.name]
+        if all(isinstance(v, bool) for v in values) and len(set(values)) == 1:
+            buffers[group.name] = t if values[0] else f  # decided when tracing
+            continue
+        chosen = layout.per_tensor(group.name, [jnp.asarray(v, bool) for v in values])
+        buffers[group.name] = jnp.where(chosen, layout.chunked(t), layout.chunked(f)).reshape(
+            t.shape
+        )
+    return FlatParams(buffers, layout)
 
 
 # Jitted (with the layout static) so that packing outside a step is one compiled program

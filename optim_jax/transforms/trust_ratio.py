@@ -148,4 +148,4 @@ def scale_by_lars(
     transform = optax.GradientTransformation(init_fn, update_fn)
     if mask is None:
         return transform
-    return optax.masked(transform, mask)
+    return flat.masked(transform, mask)

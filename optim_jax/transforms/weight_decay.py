@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import optax
 
-from optim_jax import base, validation
+from optim_jax import base, flat, validation
 
 MaskOrFn = Any | Callable[[base.Params], Any] | None
 
@@ -50,4 +50,4 @@ def add_decayed_weights(
     transform = optax.GradientTransformation(init_fn, update_fn)
     if mask is None:
         return transform
-    return optax.masked(transform, mask)
+    return flat.masked(transform, mask)

@@ -140,7 +140,12 @@ def decay_mask(
     if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
         raise ValueError(f"min_ndim must be a non-negative integer, got {min_ndim!r}")
 
-    flat.refuse_flat(params, "decay_mask", BY_NAME)
+    flat.refuse_flat(
+        params,
+        "decay_mask",
+        "it reads the per-leaf names; pass it as a mask (mask=optim_jax.decay_mask), which "
+        "the flat layout gives the per-leaf view",
+    )
 
     def one(path, leaf):
         if _ndim(leaf) < min_ndim:

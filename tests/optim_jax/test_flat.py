@@ -256,6 +256,58 @@ def test_global_norm_clipping_matches_to_float32_rounding():
         )
 
 
+# decay_mask on _sharded_tree: the kernels, "conv" and "head" are decayed; biases, "norm" and
+# "scale" are not. The explicit tree is a prefix of the parameters' tree ("attn" covers both).
+PREFIX_MASK = {"attn": False, "conv": True, "mlp": {"kernel": True, "bias": False}}
+PREFIX_MASK |= {"norm": False, "scale": False, "head": True}
+MASKED = {
+    "adamw_decay_mask": lambda: optim_jax.adamw(1e-2, weight_decay=0.5, mask=optim_jax.decay_mask),
+    "adamw_prefix_mask": lambda: optim_jax.adamw(1e-2, weight_decay=0.5, mask=PREFIX_MASK),
+    "lars_decay_mask": lambda: optim_jax.lars(0.1, weight_decay=1e-3, mask=optim_jax.decay_mask),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_masked_rules_match_the_per_leaf_path(name):
+    """Masks choose tensors by name and shape on the per-leaf view; each tensor then gets the
+    per-leaf path's update: bit for bit for AdamW's decay; LARS's norms to float32 rounding."""
+    layout, per_leaf, flat = _both_paths(MASKED[name])
+    _assert_padding_is_zero(flat)
+    got, want = jax.tree.leaves(layout.unpack(flat)), jax.tree.leaves(per_leaf)
+    for x, y in zip(got, want, strict=True):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        if name.startswith("lars"):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(x, y)
+    # The mask acted: without it the biases would have been decayed too.
+    unmasked = _both_paths(lambda: optim_jax.adamw(1e-2, weight_decay=0.5))[1]
+    assert not np.array_equal(unmasked["attn"]["bias"], per_leaf["attn"]["bias"])
+
+
+def test_masked_refuses_state_held_per_parameter():
+    params, layout, flat = _packed_sharded_tree()
+    with pytest.raises(ValueError, match="parameter-shaped state"):
+        flat_module.masked(optim_jax.adam(1e-3), optim_jax.decay_mask).init(flat)
+
+
+def test_unflatten_and_flatten_like_round_trip_a_state():
+    params, layout, flat = _packed_sharded_tree()
+    tx = optim_jax.adamw(1e-3, mask=optim_jax.decay_mask)
+    state = {"params": flat, "opt": tx.init(flat), "step": jnp.int32(3)}
+    per_leaf = flat_module.unflatten(state)
+    _assert_trees_equal(per_leaf["params"], params)
+    assert jax.tree.structure(per_leaf["opt"]) == jax.tree.structure(tx.init(params))
+    _assert_trees_equal(flat_module.flatten_like(state, per_leaf), state)
+    # Abstract: the per-leaf view keeps each leaf's shape, dtype and sharding.
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    view = flat_module.unflatten(abstract)["params"]
+    for x, y in zip(jax.tree.leaves(view), jax.tree.leaves(params), strict=True):
+        assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding)
+
+
 def test_gradient_through_unpack_arrives_flat():
     mesh = _mesh()
     params = _sharded_tree(mesh)
@@ -297,7 +349,7 @@ def test_the_compiled_update_does_not_grow_with_the_leaf_count(make):
     "name, make",
     [
         ("adafactor", lambda p: optim_jax.adafactor(1e-2).init(p)),
-        ("decay_mask", lambda p: optim_jax.adamw(1e-3, mask=optim_jax.decay_mask).init(p)),
+        ("decay_mask", optim_jax.decay_mask),  # called on FlatParams, not given as a mask
         ("param_groups", lambda p: optim_jax.param_groups({"x": optim_jax.sgd(0.1)}, "x").init(p)),
         (
             "layerwise_lr_decay",
