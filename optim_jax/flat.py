@@ -80,6 +80,10 @@ from optim_jax.base import Array, Params
 CHUNK = 128
 
 
+class FlatLayoutError(ValueError):
+    """Parameters the layout cannot hold, or a rule that cannot run on it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafSlot:
     """Where one leaf lives in its group buffer.
@@ -167,7 +171,7 @@ class FlatLayout:
         cut is one split per buffer, whose transpose is one concatenation.
         """
         if not is_flat(flat) or flat.layout != self:
-            raise ValueError("unpack: expected FlatParams packed with this layout")
+            raise FlatLayoutError("unpack: expected FlatParams packed with this layout")
         return _unpack(self, flat)
 
     def members(self, g: int) -> list[int]:
@@ -243,7 +247,7 @@ class FlatLayout:
         shape ``(1, columns // CHUNK, 1)``, broadcastable against a :meth:`chunked` view."""
         g = self._group_index(name)
         if len(values) != len(self.members(g)):
-            raise ValueError(
+            raise FlatLayoutError(
                 f"per_tensor: group {name!r} has {len(self.members(g))} tensors, "
                 f"got {len(values)} values"
             )
@@ -333,7 +337,7 @@ def map_per_tensor(fn: Callable[..., Array], tree: Any, *rest: Any) -> Any:
 def refuse_flat(tree: Any, transformation: str, why: str) -> None:
     """Raises if ``tree`` holds :class:`FlatParams`: for rules per tensor, which it merges."""
     if any(is_flat(x) for x in jax.tree.leaves(tree, is_leaf=is_flat)):
-        raise ValueError(
+        raise FlatLayoutError(
             f"{transformation} cannot run on the flat multi-tensor layout (FlatParams): {why}. "
             "Give it the per-leaf parameters."
         )
@@ -389,7 +393,7 @@ def masked(
             return per_leaf.init(params)
         state = inner.init(params)
         if any(is_flat(x) for x in jax.tree.leaves(state, is_leaf=is_flat)):
-            raise ValueError(
+            raise FlatLayoutError(
                 "masked: on the flat layout the masked transformation must keep no "
                 "parameter-shaped state (it would hold the masked-out tensors too)"
             )
@@ -445,7 +449,7 @@ def _leaf_grid(path: str, shape: tuple[int, ...], sharding: Any) -> tuple[Any, t
     """``(mesh, mesh axes in order, shards per dimension)`` of one leaf."""
     if not isinstance(sharding, NamedSharding) or sharding.is_fully_replicated:
         if sharding is not None and not sharding.is_fully_replicated:
-            raise ValueError(
+            raise FlatLayoutError(
                 f"flat_layout: parameter {path!r} has a {type(sharding).__name__}; "
                 "only NamedSharding is supported"
             )
@@ -453,7 +457,7 @@ def _leaf_grid(path: str, shape: tuple[int, ...], sharding: Any) -> tuple[Any, t
         return mesh, (), (1,) * len(shape)
     mesh = sharding.mesh
     if any(t != AxisType.Auto for t in getattr(mesh, "axis_types", ())):
-        raise ValueError(
+        raise FlatLayoutError(
             f"flat_layout: parameter {path!r} lives on a mesh with non-Auto axis types "
             f"{mesh.axis_types}; the flat layout supports Auto axes only"
         )
@@ -463,7 +467,7 @@ def _leaf_grid(path: str, shape: tuple[int, ...], sharding: Any) -> tuple[Any, t
         names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         n = math.prod(mesh.shape[a] for a in names)
         if size % n:
-            raise ValueError(
+            raise FlatLayoutError(
                 f"flat_layout: dimension {dim} of parameter {path!r} (size {size}) is sharded "
                 f"over {names} ({n} shards), which does not divide it"
             )
@@ -481,7 +485,7 @@ def flat_layout(params: Params) -> FlatLayout:
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
-        raise ValueError("flat_layout: params has no leaves")
+        raise FlatLayoutError("flat_layout: params has no leaves")
     keys: dict[tuple, int] = {}
     group_specs: list[dict[str, Any]] = []
     slots, leaf_groups = [], []
@@ -489,7 +493,7 @@ def flat_layout(params: Params) -> FlatLayout:
         name = _path_name(path)
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
-            raise ValueError(f"flat_layout: parameter {name!r} has dtype {dtype}, not a float")
+            raise FlatLayoutError(f"flat_layout: parameter {name!r} has dtype {dtype}, not a float")
         sharding = getattr(leaf, "sharding", None)
         mesh, axes, grid = _leaf_grid(name, shape, sharding)
         key = (dtype, mesh, axes)

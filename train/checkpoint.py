@@ -63,6 +63,12 @@ its new place, so a checkpoint saved on one mesh restores onto another mesh
 shape or a single device. A target leaf without a sharding is an error, since
 orbax would fall back to the sharding recorded at save time.
 
+The flat layout (``optimizer.flat_layout``, :mod:`optim_jax.flat`): a state holding
+``FlatParams`` is saved in its per-leaf form (``optim_jax.flat.unflatten``) and
+packed again after a restore onto a target that holds ``FlatParams``, so a
+checkpoint does not depend on the layout: runs with and without it, and on other
+meshes (whose layouts differ), restore each other's checkpoints.
+
 Call these methods on every process (orbax synchronises them) and outside a
 global ``jax.set_mesh`` (orbax has known problems under one).
 """
@@ -86,6 +92,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import optim_jax
 from train.config import CheckpointConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -405,6 +412,7 @@ class Checkpointer:
             json.dumps(record)
         except (TypeError, ValueError) as err:
             raise ValueError(f"checkpoint meta for step {step} is not plain JSON: {err}") from None
+        state = optim_jax.flat.unflatten(state)
         _check_state(state)
         self._finish_pending()
         path = self.step_path(step)
@@ -538,15 +546,16 @@ class Checkpointer:
         """
         if step is None:
             return self.restore_newest(target)[1:]
-        target = _check_target(target)
+        layout_target, target = target, _check_target(optim_jax.flat.unflatten(target))
         self._finish_pending()
-        return self._restore_step(int(step), target)
+        state, meta = self._restore_step(int(step), target)
+        return optim_jax.flat.flatten_like(layout_target, state), meta
 
     def restore_newest(self, target: Any) -> tuple[int, Any, dict]:
         """``(step, state, meta)`` of the newest usable checkpoint, falling back past corrupt
         ones (each reported); ``NoCheckpointError`` when there is none. Waits for a save in
         flight first; reads only."""
-        target = _check_target(target)
+        layout_target, target = target, _check_target(optim_jax.flat.unflatten(target))
         self._finish_pending()
         steps, tmps = self._listing()
         self._report_tmp_dirs(tmps)
@@ -554,9 +563,10 @@ class Checkpointer:
             if candidate in self._bad:
                 continue
             try:
-                return (candidate, *self._restore_step(candidate, target))
+                state, meta = self._restore_step(candidate, target)
             except CorruptCheckpointError:
                 continue  # reported; try the previous one
+            return candidate, optim_jax.flat.flatten_like(layout_target, state), meta
         raise self._none_usable()
 
     def _none_usable(self) -> NoCheckpointError:

@@ -152,6 +152,11 @@ class OptimizerConfig:
     # others keep the defaults. A group set to null is frozen.
     groups: dict = dataclasses.field(default_factory=dict)
     accumulation_steps: int = 1
+    # Keep params and optimizer state in the flat multi-tensor layout (optim_jax.flat): a few
+    # buffers per dtype and sharding instead of one array per tensor, so the update compiles
+    # and runs as a few fused kernels whatever the model's tensor count. Checkpoints stay
+    # per-leaf (interchangeable with runs without it); groups and Adafactor refuse it.
+    flat_layout: bool = False
     # Wrappers (optim_jax.wrappers; README "Tuning and analysis"). SAM: the step's gradient is
     # taken again at params + rho g/||g|| (a second forward/backward per step); 0 = off;
     # sam_adaptive: ASAM's |w|-scaled neighbourhood. Lookahead: slow weights move

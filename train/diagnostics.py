@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import optim_jax
 from train import cli, metrics
+from train.step import merge
 
 if TYPE_CHECKING:
     from train.loop import Setup
@@ -63,8 +65,8 @@ def _key_name(entry: Any) -> str:
 
 def flat_params(tree: Any) -> dict[str, jax.Array]:
     """``{"blocks/0/mlp/up/kernel": array}`` of an ``nnx.State`` of parameters (or of
-    gradients, which have the same structure)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    gradients, which have the same structure), kept per leaf or in the flat layout."""
+    leaves = jax.tree_util.tree_flatten_with_path(optim_jax.flat.unflatten(tree))[0]
     flat = {}
     for path, leaf in leaves:
         names = [_key_name(k) for k in path]
@@ -123,7 +125,7 @@ def _instrumented(model: nnx.Module, on_output: Callable[[str, Any], Any]) -> It
 
 
 def _merge_for_diagnosis(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     # GPT's remat wraps each block in nnx.remat, which rebuilds the block as a new object
     # that the instrumentation cannot name. Rematerialisation changes no value: turn it off.
     cfg = getattr(model, "cfg", None)

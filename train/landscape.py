@@ -414,7 +414,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from train import config as config_lib
 
     cfg = config_lib.load(args.config, list(args.overrides))
-    setup = loop.build(cfg)
+    # Filter normalisation reads each tensor's shape: the run's checkpoints are per-leaf.
+    setup = loop.build(loop.per_leaf(cfg))
     workdir = args.workdir
     probe = LossProbe(setup, args.train_batches or cfg.run.eval_batches)
     theta, theta_path = restore_params(workdir / "checkpoints", args.step, setup)

@@ -131,6 +131,19 @@ def _image_loaders(
     return batches, eval_batches
 
 
+def _flat_layout_error(cfg: Config, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"optimizer.flat_layout=true does not work with this run "
+        f"(optimizer.name={cfg.optimizer.name!r}): {err}"
+    )
+
+
+def per_leaf(cfg: Config) -> Config:
+    """``cfg`` without ``optimizer.flat_layout``: for tools that read parameters by name and
+    checkpoints (which are per-leaf either way), where the layout changes no number."""
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, flat_layout=False))
+
+
 def build(cfg: Config) -> Setup:
     """Mesh, sharded model and optimizer state, jitted steps and loaders for ``cfg``.
 
@@ -159,15 +172,25 @@ def build(cfg: Config) -> Setup:
         else:
             in_channels = batches.images.shape[-1]
             model = vision.build(cfg.model, in_channels, compute, rngs)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    graphdef, per_leaf_params = nnx.split(model, nnx.Param)
+    per_leaf_params = jax.tree.map(lambda x: x.astype(jnp.float32), per_leaf_params)
+    params = per_leaf_params
+    if cfg.optimizer.flat_layout:
+        try:
+            params = optim_jax.flat_layout(params).pack(params)
+        except optim_jax.flat.FlatLayoutError as err:
+            raise _flat_layout_error(cfg, err) from None
 
     schedule = make_schedule(cfg.optimizer, cfg.run.steps)
     tx = make_optimizer(
         cfg.optimizer, schedule, make_momentum_schedule(cfg.optimizer, cfg.run.steps)
     )
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(params)
+        try:
+            opt_state = jax.jit(tx.init)(params)
+        except optim_jax.flat.FlatLayoutError as err:
+            # Optimizers that read each tensor's shape or give tensors rules by name.
+            raise _flat_layout_error(cfg, err) from None
     spike_rule = loss_spikes.SpikeRule(
         factor=cfg.run.loss_spike_factor,
         window=cfg.run.spike_window,
@@ -206,10 +229,10 @@ def build(cfg: Config) -> Setup:
         in_shardings=(state_shardings.params, eval_sharding),
         out_shardings=replicated,
     )
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(per_leaf_params))
     if cfg.model.kind == "gpt":
         # Parameters in matrix multiplies (PaLM's model-FLOPs count): not the embedding lookups.
-        embeddings = (params["token_embed"], params["position_embed"])
+        embeddings = (per_leaf_params["token_embed"], per_leaf_params["position_embed"])
         n_params -= sum(x.size for x in jax.tree.leaves(embeddings))
         flops_per_unit = metrics.model_flops_per_token(
             n_params, cfg.model.n_layers, cfg.model.d_model, cfg.model.seq_len

@@ -185,7 +185,7 @@ def lr_find(
     from train.step import make_train_step
 
     check_settings(min_lr, max_lr, steps, smoothing, diverge)
-    setup = loop.build(cfg)
+    setup = loop.build(loop.per_leaf(cfg))  # the layout changes no loss of the range test
     schedule = ramp_schedule(min_lr, max_lr, steps)
     opt = cfg.optimizer
     momentum = (lambda count: opt.base_momentum) if opt.cycle_momentum else None

@@ -251,6 +251,11 @@ def build_population(cfg: Config, rng: np.random.Generator | None = None) -> Pop
             "run.spike_policy=rollback needs checkpoints of a single run; under pbt use warn "
             "or skip"
         )
+    if cfg.optimizer.flat_layout:
+        raise ConfigError(
+            "optimizer.flat_layout=true: pbt stacks the members' per-leaf state along a "
+            "population axis and does not support the flat layout; set it to false"
+        )
     rng = np.random.default_rng(cfg.pbt.seed) if rng is None else rng
     size = cfg.pbt.population
     first = initial_hyperparams(space, size, rng)

@@ -66,13 +66,19 @@ def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, axis=-1) == targets, dtype=jnp.float32)
 
 
+def merge(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
+    """The model with ``params``: per-leaf, or views cut out of the flat layout
+    (``optimizer.flat_layout``), whose gradient then arrives flat."""
+    return nnx.merge(graphdef, optim_jax.flat.unflatten(params))
+
+
 def loss_fn(
     graphdef: nnx.GraphDef,
     params: Any,
     batch: dict[str, jax.Array],
     task: Task = LANGUAGE_MODELING,
 ) -> jax.Array:
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params)
     return cross_entropy(model(batch[task.inputs]), batch[task.targets])
 
 
@@ -102,7 +108,7 @@ def make_train_step(
     """
 
     def logits_fn(params, inputs):
-        return nnx.merge(graphdef, params)(inputs)
+        return merge(graphdef, params)(inputs)
 
     def hessian_diag(state: TrainState, micro_batch: dict[str, jax.Array]) -> dict:
         if hessian_seed is None:
@@ -226,7 +232,7 @@ def make_eval_step(
     """``(params, batch) -> {"loss", "accuracy"}`` on one ``[batch, ...]`` evaluation batch."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = nnx.merge(graphdef, params)(batch[task.inputs])
+        logits = merge(graphdef, params)(batch[task.inputs])
         targets = batch[task.targets]
         return {"loss": cross_entropy(logits, targets), "accuracy": accuracy(logits, targets)}
 

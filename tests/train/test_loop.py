@@ -65,6 +65,8 @@ LAYOUTS = {
     "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
     "data2_fsdp2_tensor2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
     "data4_tensor2": ("mesh.data=4", "mesh.tensor=2"),
+    # params and optimizer state in the flat multi-tensor layout (optim_jax.flat)
+    "fsdp8_flat": ("mesh.data=1", "mesh.fsdp=8", "optimizer.flat_layout=true"),
 }
 # Shard shape of the head kernel [d_model=64, vocab=256] (logical axes embed -> fsdp,
 # vocab -> tensor): proof that each layout really splits the parameters as it says.
@@ -172,7 +174,7 @@ def copy_run(run: Run, target: pathlib.Path) -> pathlib.Path:
 # ------------------------------------------------------------------------------ mesh layouts
 
 
-@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "single"])
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k not in ("single", "fsdp8_flat")])
 def test_mesh_layout_matches_the_single_device_run(runs, layout):
     single, sharded = runs.get("single"), runs.get(layout)
     assert sorted(single.losses) == sorted(sharded.losses) == list(range(1, STEPS + 1))
@@ -281,6 +283,57 @@ def test_resume_onto_another_mesh(runs, stopped, tmp_path):
     assert_state_sharded_like_params(summary["state"])
 
 
+# ------------------------------------------------------------------------------ flat layout
+
+
+def test_flat_layout_follows_the_per_leaf_run(runs):
+    """``optimizer.flat_layout`` keeps the params and AdamW's moments in a few buffers, sharded
+    by rows over fsdp. The model's gradients arrive flat with the per-leaf values, AdamW and the
+    decay mask give the same numbers per element, and the global-norm clip adds the same
+    squares in another order: the mesh tolerances (which cover reduction order) apply."""
+    per_leaf, flat = runs.get("fsdp8"), runs.get("fsdp8_flat")
+    assert isinstance(flat.state.params, optim_jax.FlatParams)
+    moments = [
+        x
+        for x in jax.tree.leaves(flat.state.opt_state, is_leaf=optim_jax.flat.is_flat)
+        if isinstance(x, optim_jax.FlatParams)
+    ]
+    assert len(moments) == 2  # AdamW's mu and nu
+    for buffer in flat.state.params.buffers.values():
+        assert len(buffer.sharding.device_set) == 8
+        rows = buffer.shape[0]
+        assert buffer.addressable_shards[0].data.shape == (rows // min(rows, 8), buffer.shape[1])
+    assert sorted(flat.losses) == list(range(1, STEPS + 1))
+    assert flat.losses[1] == per_leaf.losses[1]  # the same model, params and batch
+    np.testing.assert_allclose(
+        [flat.losses[s] for s in range(1, STEPS + 1)],
+        [per_leaf.losses[s] for s in range(1, STEPS + 1)],
+        rtol=0,
+        atol=LOSS_ATOL,
+    )
+    unpacked = host(optim_jax.flat.unflatten(flat.state.params))
+    for i, (a, b) in enumerate(zip(unpacked, per_leaf.params, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL, err_msg=f"param leaf {i}")
+
+
+def test_flat_layout_checkpoints_are_per_leaf_and_resume_bitwise(runs, tmp_path):
+    """A flat-layout run saves the per-leaf state (a run without the layout restores it) and
+    resumes from it bitwise equal to the uninterrupted flat run."""
+    workdir = tmp_path / "flat"
+    stopped = loop.fit(cfg_of(*LAYOUTS["fsdp8_flat"]), workdir, progress=False, stop_after=STOP)
+    per_leaf_setup = loop.build(cfg_of(*LAYOUTS["fsdp8"]))
+    with Checkpointer(workdir / "checkpoints", per_leaf_setup.cfg.checkpoint) as checkpointer:
+        restored, _ = checkpointer.restore(STOP, abstract_state(per_leaf_setup.state))
+    assert_bitwise(restored, optim_jax.flat.unflatten(stopped["state"]), "restored per leaf")
+
+    resumed = loop.fit(cfg_of(*LAYOUTS["fsdp8_flat"]), workdir, progress=False)
+    whole = runs.get("fsdp8_flat")
+    assert isinstance(resumed["state"].params, optim_jax.FlatParams)
+    assert_bitwise(resumed["state"].params, whole.state.params, "params")
+    assert_bitwise(resumed["state"].opt_state, whole.state.opt_state, "opt_state")
+    assert losses_by_step(workdir) == whole.losses
+
+
 def test_rerun_of_a_finished_workdir_changes_nothing(runs, tmp_path):
     finished = runs.get("single")
     workdir = copy_run(finished, tmp_path / "again")
@@ -352,6 +405,11 @@ BAD_INPUTS = {
         ["optimizer.schedule=cosine_warmup"],
         ConfigError,
         r"optimizer\.schedule: unknown schedule 'cosine_warmup'",
+    ),
+    "flat_layout_adafactor": (
+        ["optimizer.name=adafactor", "optimizer.flat_layout=true"],
+        ConfigError,
+        r"optimizer\.flat_layout=true does not work .*'adafactor'.*factor",
     ),
     "incompatible_checkpoint": (["model.d_model=32"], IncompatibleCheckpointError, None),
     "corrupt_checkpoint": ([], CheckpointError, None),
