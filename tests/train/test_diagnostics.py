@@ -114,6 +114,28 @@ def test_gradient_flow_finds_the_disconnected_layers():
     assert by_path["layers/0/kernel"]["update_ratio"] > 0  # weight decay still moves it
 
 
+def test_gradient_flow_reports_each_tensor_of_the_flat_layout():
+    """With ``optimizer.flat_layout`` the report still names and measures every tensor: the
+    same paths, gradient norms and update norms as the per-leaf run's, to float32 rounding
+    of the norms' sums (and of the clip's global norm in the update)."""
+    reports = {}
+    for flat in (False, True):
+        setup = loop.build(cfg_of(f"optimizer.flat_layout={str(flat).lower()}"))
+        batches = [loop.train_batch(setup, k) for k in range(2)]
+        reports[flat] = diagnostics.gradient_flow(setup, setup.state, batches)
+    per_leaf, flat = reports[False], reports[True]
+    assert [layer["path"] for layer in flat["layers"]] == [
+        layer["path"] for layer in per_leaf["layers"]
+    ]
+    for a, b in zip(flat["layers"], per_leaf["layers"], strict=True):
+        assert a["shape"] == b["shape"]
+        for key in ("param_norm", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["path"], key)
+        np.testing.assert_allclose(
+            a["update_norm_per_batch"], b["update_norm_per_batch"], rtol=1e-4
+        )
+
+
 def poison_first_batches(monkeypatch) -> None:
     clean = loop.train_batch
 
