@@ -74,6 +74,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import optim_jax
 from benchmarks import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,7 +384,9 @@ def bench_recipe(
     # Both ran the same steps on the same batches: their losses and parameters still agree
     # (up to rounding) if they apply the same update rule.
     last_loss = {name: side.loss() for name, side in sides.items()}
-    trainer_params, minimal_params = sides["trainer"].state.params, minimal.params
+    # optimizer.flat_layout: the trainer's params are FlatParams; compare them per leaf.
+    trainer_params = optim_jax.flat.unflatten(sides["trainer"].state.params)
+    minimal_params = minimal.params
     param_diff = max(
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(

@@ -299,6 +299,10 @@ def test_flat_layout_follows_the_per_leaf_run(runs):
         if isinstance(x, optim_jax.FlatParams)
     ]
     assert len(moments) == 2  # AdamW's mu and nu
+    for moment in moments:  # sharded like the params, not replicated (the JAX_NOTES trap)
+        for name, buffer in moment.buffers.items():
+            param = flat.state.params.buffers[name]
+            assert buffer.sharding.is_equivalent_to(param.sharding, buffer.ndim), name
     for buffer in flat.state.params.buffers.values():
         assert len(buffer.sharding.device_set) == 8
         rows = buffer.shape[0]
