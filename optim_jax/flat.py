@@ -50,8 +50,9 @@ view (:meth:`FlatLayout.abstract_leaves`), so :func:`optim_jax.decay_mask` picks
 tensors by name and shape as it does per leaf, and the choice is applied per
 chunk. Rules that need a tensor's shape in the update (Adafactor's factored
 moments, adaptive gradient clipping per unit) or that give tensors different
-transformations by name (groups, layer-wise decay) refuse :class:`FlatParams`
-with an error (:func:`refuse_flat`) rather than compute something else.
+transformations by name (groups, layer-wise decay), and int8 moments (a block
+would mix tensors of different scales), refuse :class:`FlatParams` with an error
+(:func:`refuse_flat`) rather than compute something else.
 
 **Checkpoints and reports** read the per-leaf form: :func:`unflatten` turns every
 :class:`FlatParams` in a tree (parameters, optimizer state) back into per-leaf

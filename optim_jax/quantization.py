@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optim_jax import base
+from optim_jax import base, flat
 
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -212,8 +212,22 @@ def init(
 
 def tree_init(params: base.Params, moment_dtype: MomentDtype, *, signed: bool) -> base.Params:
     """:func:`init` for every leaf of ``params``."""
-    moment_format(moment_dtype)  # one error for a bad value, even with no parameters
+    check_layout(params, moment_dtype)
     return jax.tree.map(lambda p: init(p, moment_dtype, signed=signed), params)
+
+
+def check_layout(params: base.Params, moment_dtype: MomentDtype) -> None:
+    """Raises for a bad ``moment_dtype`` (even with no parameters), and for int8 moments of
+    parameters in the flat multi-tensor layout: there a block would mix tensors of different
+    scales, and the small tensors that stay float32 per leaf would be quantised with them."""
+    fmt = moment_format(moment_dtype)
+    if fmt is not None and fmt.dtype == "int8":
+        flat.refuse_flat(
+            params,
+            "int8 moments",
+            "a block would mix tensors of different scales and quantise the small tensors "
+            "that stay float32 per leaf; use moment_dtype float32 or bfloat16",
+        )
 
 
 def read(moment: jax.Array | QuantizedArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:

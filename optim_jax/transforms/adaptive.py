@@ -43,6 +43,8 @@ def scale_by_adagrad(
     quantization.moment_format(moment_dtype)
 
     def init_fn(params):
+        quantization.check_layout(params, moment_dtype)
+
         def one(p):
             start = base.full_like_param(p, initial_accumulator_value, base.compute_dtype(p.dtype))
             return quantization.write(start, quantization.init(p, moment_dtype, signed=False))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 import optim_jax
 from tests import harness
@@ -40,7 +41,9 @@ TINY = (
 
 
 def host(tree):
-    return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(tree))
+    """Per-leaf float64 NumPy copies (of parameters kept flat too: optimizer.flat_layout)."""
+    per_leaf = jax.device_get(optim_jax.flat.unflatten(tree))
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), per_leaf)
 
 
 def largest_gap(a, b) -> float:
@@ -55,11 +58,15 @@ def mean_gradient(setup: loop.Setup, params, batch) -> dict:
     return jax.tree.map(lambda a, b: (a + b) / 2, *[host(grad(params32, m)) for m in micro])
 
 
-def test_sam_first_step_equals_hand_computation():
+# The wrappers also run on parameters kept in the flat multi-tensor layout.
+FLAT_LAYOUT = pytest.mark.parametrize("flat", ["false", "true"], ids=["per_leaf", "flat"])
+
+
+@FLAT_LAYOUT
+def test_sam_first_step_equals_hand_computation(flat):
     rho = 0.5
-    cfg = config.load(
-        None, [*TINY, "optimizer.accumulation_steps=2", f"optimizer.sam_rho={rho}", "run.steps=1"]
-    )
+    overrides = ["optimizer.accumulation_steps=2", f"optimizer.sam_rho={rho}", "run.steps=1"]
+    cfg = config.load(None, [*TINY, *overrides, f"optimizer.flat_layout={flat}"])
     setup = loop.build(cfg)
     params0 = host(setup.state.params)
     batch = loop.train_batch(setup, 0)
@@ -93,10 +100,12 @@ def run_steps(cfg: config.Config, steps: int) -> tuple[object, list]:
     return initial, trajectory
 
 
-def test_lookahead_pulls_back_after_k_steps():
+@FLAT_LAYOUT
+def test_lookahead_pulls_back_after_k_steps(flat):
     k, alpha = 3, 0.5
     base = [*TINY, "optimizer.options.momentum=0.9", f"run.steps={k}"]
     initial, plain = run_steps(config.load(None, base), k)
+    base.append(f"optimizer.flat_layout={flat}")
     overrides = [f"optimizer.lookahead_steps={k}", f"optimizer.lookahead_alpha={alpha}"]
     _, ours = run_steps(config.load(None, [*base, *overrides]), k)
     # float32, same equations in two compiled programs: ~4e-8 relative measured; 1e-5 bar.
