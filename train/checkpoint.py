@@ -67,7 +67,9 @@ The flat layout (``optimizer.flat_layout``, :mod:`optim_jax.flat`): a state hold
 ``FlatParams`` is saved in its per-leaf form (``optim_jax.flat.unflatten``) and
 packed again after a restore onto a target that holds ``FlatParams``, so a
 checkpoint does not depend on the layout: runs with and without it, and on other
-meshes (whose layouts differ), restore each other's checkpoints.
+meshes (whose layouts differ), restore each other's checkpoints. The price is one
+device copy of the parameters and optimizer state per save (the unpacked form
+orbax writes from) and per restore.
 
 Call these methods on every process (orbax synchronises them) and outside a
 global ``jax.set_mesh`` (orbax has known problems under one).
