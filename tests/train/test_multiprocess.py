@@ -114,8 +114,11 @@ def start_two_processes(
         env = {
             **subprocess_env(),
             "JAX_PLATFORMS": "cpu",
-            # 4 devices per process, 8 in the job (this test process itself has 8).
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            # 4 devices per process, 8 in the job (this test process itself has 8); LLVM at
+            # level 0 as in conftest.py (compiling is most of a launch).
+            "XLA_FLAGS": " ".join(
+                ["--xla_force_host_platform_device_count=4", "--xla_backend_optimization_level=0"]
+            ),
             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(process_id),
