@@ -687,7 +687,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    # Compile times must not come from a persistent compilation cache.
+    # Compile times must not come from a persistent compilation cache (JAX settles this at a
+    # process's first compile, so it holds when main is the first, as on the command line).
     jax.config.update("jax_enable_compilation_cache", False)
     result = run(args, report.command_line("benchmarks.optimizers", argv))
     report.publish(result, args.out, "optimizers", format_report)

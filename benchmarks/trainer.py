@@ -614,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Before JAX starts a backend; a no-op when the backend already runs with a count set.
     cli.use_simulated_cpu_devices(args.cpu_devices)
-    # Compile times must not come from a persistent compilation cache.
+    # Compile times must not come from a persistent compilation cache (JAX settles this at a
+    # process's first compile, so it holds when main is the first, as on the command line).
     jax.config.update("jax_enable_compilation_cache", False)
     result = run(args, report.command_line("benchmarks.trainer", argv))
     report.publish(result, args.out, "trainer", format_report)
