@@ -209,6 +209,53 @@ def test_restore_onto_another_mesh(tmp_path, layout):
         assert len(restored["params"]["w"].addressable_shards) == 8
 
 
+def _lowerings_during(fn):
+    """How many programs JAX lowers while ``fn`` runs (persistent-cache hits included)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(events)
+
+
+def test_one_process_saves_replicated_arrays_without_compiling(tmp_path):
+    # A width no other test uses: orbax's replica-parallel save would lower a slice program
+    # for each new shape; writing each array whole from its first replica lowers none.
+    state = _state(width=40)
+    assert any(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+    with ck.Checkpointer(tmp_path, _cfg()) as ckpt:
+        assert _lowerings_during(lambda: (_save(ckpt, 1, state), ckpt.wait())) == 0
+        restored, _ = ckpt.restore(1, ck.abstract_state(state))
+    assert _bits(restored) == _bits(state)
+
+
+def test_checkpoints_written_replica_parallel_restore_bitwise(tmp_path, monkeypatch):
+    # orbax's own writer (slices per replica; what this trainer wrote before it wrote arrays
+    # whole, and what several processes still write) and ours are read the same way.
+    def orbax_writer():
+        return ck.ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96)
+
+    state = _state(width=24)
+    with monkeypatch.context() as patch:
+        patch.setattr(ck, "_state_save_handler", orbax_writer)
+        with ck.Checkpointer(tmp_path, _cfg()) as ckpt:
+            _save(ckpt, 1, state)
+    assert (tmp_path / "1" / "state" / "array_metadatas").is_dir()  # orbax's writer wrote it
+    with ck.Checkpointer(tmp_path, _cfg()) as ckpt:
+        restored, _ = ckpt.restore(1, ck.abstract_state(state))
+        _save(ckpt, 2, restored)
+        ckpt.wait()
+        again, _ = ckpt.restore(2, ck.abstract_state(state))
+    assert _bits(restored) == _bits(state) and _bits(again) == _bits(state)
+
+
 def _incompatible_targets(state):
     abstract = ck.abstract_state(state)
     wider = ck.abstract_state(_state(width=16))
@@ -293,14 +340,16 @@ def test_corrupt_newest_is_reported_and_previous_used(tmp_path, caplog):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_without_checksums_falls_back_at_read_time(tmp_path, caplog):
     """A checkpoint killed before its checksums were written is still checked by decoding."""
-    old, new = _state(seed=1), _state(seed=2)
+    # Wide enough that the weights get a data file of their own (OCDBT keeps small arrays
+    # inside its index nodes, which the metadata check reads).
+    old, new = _state(seed=1, width=4096), _state(seed=2, width=4096)
     with ck.Checkpointer(tmp_path, _cfg()) as ckpt:
         _save(ckpt, 1, old)
         _save(ckpt, 2, new)
     (tmp_path / "2" / ck.CHECKSUMS).unlink()
-    # orbax's per-array metadata is read only when the arrays are (after the tree metadata)
-    for path in (tmp_path / "2" / "state" / "array_metadatas").iterdir():
-        path.write_bytes(path.read_bytes()[:10])
+    # array data is read after the tree metadata: a truncated data file fails only then
+    data = _largest_data_file(tmp_path / "2")
+    data.write_bytes(data.read_bytes()[:10])
     before = _snapshot(tmp_path)
     ckpt = ck.Checkpointer(tmp_path, _cfg())
     with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
