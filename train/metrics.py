@@ -48,6 +48,7 @@ import math
 import pathlib
 import re
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -98,6 +99,28 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without loading PyTorch.
+
+    Where torch is installed, tensorboardX's import also imports torch (2-3 s of every trainer
+    process's start-up) for nothing but the annotations of methods taking torch tensors, which
+    this module never passes. While tensorboardX loads, a ``None`` entry in ``sys.modules``
+    makes its ``import torch`` fail as if torch were absent; the entry is removed afterwards,
+    so a later ``import torch`` works as usual. A process that has imported torch already
+    keeps it.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends one JSON line per ``write`` to ``<workdir>/metrics.jsonl`` and the same scalars to
     TensorBoard event files under ``<workdir>/tensorboard/`` (tensorboardX).
@@ -141,9 +164,7 @@ class MetricsWriter:
         if start_step is not None:
             self.restart(start_step)
         # Imported here so non-primary processes never pay for it.
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
+        self._tb = _summary_writer_class()(logdir=str(self.workdir / TENSORBOARD_DIR))
 
     def restart(self, step: int) -> None:
         """Marks that the run continues from the state after ``step`` (a resume, or a

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
+from tests.train.recipes import subprocess_env
 from train import metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -173,6 +176,25 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     got = scalars(tmp_path / "tensorboard")
     assert got["loss"] == [(1, 2.5), (2, 2.25)]
     assert got["grad_norm"] == [(1, 0.5)]
+
+
+def test_the_event_writer_loads_without_torch_and_torch_imports_after(tmp_path):
+    """A fresh process (this one has torch and tensorboardX loaded by the test modules)."""
+    pytest.importorskip("torch")
+    script = f"""
+import sys
+from train import metrics
+with metrics.MetricsWriter({str(tmp_path)!r}, enabled=True) as writer:
+    writer.write(1, {{"loss": 2.5}})
+assert "tensorboardX" in sys.modules and "torch" not in sys.modules, "torch was imported"
+import torch
+assert torch.ones(2).sum().item() == 2.0
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert scalars(tmp_path / "tensorboard")["loss"] == [(1, 2.5)]
 
 
 def test_bad_writes_name_the_problem(tmp_path):
