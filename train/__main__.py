@@ -32,13 +32,14 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    cli.use_simulated_cpu_devices()
-
     from train import config as config_lib
-    from train import distributed, loop
 
     with cli.user_errors():
+        # The recipe is checked before JAX loads: a typo is reported at once.
         cfg = config_lib.load(args.config, cli.overrides(args))
+        cli.use_simulated_cpu_devices()
+        from train import distributed, loop
+
         distributed.maybe_initialize(cfg.run.distributed)
         workdir = args.workdir or cli.default_workdir(args.config)
         summary = loop.fit(cfg, workdir)

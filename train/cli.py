@@ -58,12 +58,21 @@ def use_simulated_cpu_devices(count: int = 8) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turns a ``ConfigError`` or ``CheckpointError`` into ``error: ...`` on stderr and exit
-    code 2: a mistake in the input is one line naming what is wrong, not a traceback."""
-    from train.checkpoint import CheckpointError
+    code 2: a mistake in the input is one line naming what is wrong, not a traceback.
+
+    ``train.checkpoint`` (which imports JAX and orbax) is not imported for this: where it was
+    never imported, no ``CheckpointError`` can have been raised, and a config mistake is
+    reported before JAX loads.
+    """
     from train.config import ConfigError
 
     try:
         yield
-    except (ConfigError, CheckpointError) as err:
+    except Exception as err:
+        checkpoint = sys.modules.get("train.checkpoint")
+        if not isinstance(err, ConfigError) and not (
+            checkpoint is not None and isinstance(err, checkpoint.CheckpointError)
+        ):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -496,6 +496,19 @@ def load(path: str | pathlib.Path | None = None, overrides: list[str] = ()) -> C
 
 
 SPIKE_POLICIES = ("warn", "skip", "rollback")
+# optim_jax's optimizers by name (train/optimizer.py builds them); checked here, before JAX loads.
+OPTIMIZER_NAMES = (
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "lamb",
+    "lars",
+    "lion",
+    "adafactor",
+    "sophia",
+)
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 INIT_MODES = ("fan_in", "fan_out")
 INIT_GAINS = ("auto", "linear", "relu", "gelu")
@@ -534,7 +547,15 @@ _MINIMUMS = (
 )
 
 
+def check_optimizer_name(name: str) -> None:
+    if name not in OPTIMIZER_NAMES:
+        raise ConfigError(
+            f"optimizer.name: unknown optimizer {name!r} (known: {', '.join(OPTIMIZER_NAMES)})"
+        )
+
+
 def _check_ranges(config: Config) -> None:
+    check_optimizer_name(config.optimizer.name)
     for key, minimum in _MINIMUMS:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -10,23 +10,10 @@ import jax
 import optax
 
 import optim_jax
+from train import config
 from train.config import ConfigError, OptimizerConfig
 
-OPTIMIZERS = {
-    name: getattr(optim_jax, name)
-    for name in (
-        "sgd",
-        "adagrad",
-        "rmsprop",
-        "adam",
-        "adamw",
-        "lamb",
-        "lars",
-        "lion",
-        "adafactor",
-        "sophia",
-    )
-}
+OPTIMIZERS = {name: getattr(optim_jax, name) for name in config.OPTIMIZER_NAMES}
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optim_jax.Schedule:
@@ -182,10 +169,7 @@ def make_optimizer(
     ``momentum``: the schedule of :func:`make_momentum_schedule`, required when
     ``optimizer.cycle_momentum`` is on.
     """
-    if cfg.name not in OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.name: unknown optimizer {cfg.name!r} (known: {', '.join(OPTIMIZERS)})"
-        )
+    config.check_optimizer_name(cfg.name)  # an OptimizerConfig need not come from config.load
     if cfg.cycle_momentum:
         if momentum is None:
             raise ValueError("optimizer.cycle_momentum is on: pass make_momentum_schedule(...)")

@@ -1,9 +1,12 @@
 """The README's main command, shortened: ``python -m train`` trains and leaves its outputs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from tests.train.recipes import REPO, subprocess_env
 from train.__main__ import main
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.seq_len=32", "data.batch_size=16"]
@@ -29,3 +32,22 @@ def test_bad_config_is_one_clear_message(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "optimizer.lerning_rate" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["model.nope=1", "optimizer.name=adamx", "run.steps=0"])
+def test_a_bad_recipe_is_reported_before_jax_loads(override):
+    """A fresh process: the recipe is checked first, so a typo costs no JAX start-up."""
+    script = f"""
+import sys
+from train.__main__ import main
+try:
+    main([{override!r}])
+except SystemExit as stop:
+    assert stop.code == 2, stop.code
+    assert "jax" not in sys.modules, "JAX was imported"
+    print("exited 2 without JAX")
+"""
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and "exited 2 without JAX" in done.stdout, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
