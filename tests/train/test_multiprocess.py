@@ -21,6 +21,7 @@ a timeout and killed in a ``finally`` if it outlives it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 import shutil
@@ -100,6 +101,14 @@ class Launch:
         )
 
 
+def four_device_flags() -> str:
+    """4 devices per process, 8 in the job (this test process itself has 8); the session's
+    compile flags otherwise (conftest.py: compiling is most of a launch)."""
+    count = "--xla_force_host_platform_device_count="
+    others = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    return " ".join([f"{count}4", *others])
+
+
 def start_two_processes(
     workdir: pathlib.Path, cache: pathlib.Path, *extra: str
 ) -> list[subprocess.Popen]:
@@ -114,11 +123,7 @@ def start_two_processes(
         env = {
             **subprocess_env(),
             "JAX_PLATFORMS": "cpu",
-            # 4 devices per process, 8 in the job (this test process itself has 8); LLVM at
-            # level 0 as in conftest.py (compiling is most of a launch).
-            "XLA_FLAGS": " ".join(
-                ["--xla_force_host_platform_device_count=4", "--xla_backend_optimization_level=0"]
-            ),
+            "XLA_FLAGS": four_device_flags(),
             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(process_id),
