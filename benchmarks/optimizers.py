@@ -42,6 +42,11 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
   gradients come from per-leaf code: add it to the flat step time in that case.
 * **State bytes per parameter**: every leaf of the optimizer state, counters
   included, over the number of parameters.
+* **Page faults per step**: the median over the timed calls of the minor page
+  faults the process took during one step. A program that reuses its donated
+  buffers takes none; one that allocates a large buffer in each step (on CPU,
+  the allocator maps it afresh each time) takes one per 4 KiB page it writes,
+  and pays for it in time.
 
 The last column of both tables, ``best ours/optax``, is the ratio optim_jax / Optax
 with optim_jax's faster variant: ``min(ours, flat) / optax`` (``ours / optax`` where
@@ -73,6 +78,11 @@ import optax
 import optim_jax
 from benchmarks import report
 from optim_jax import FlatLayout, FlatParams
+
+try:
+    import resource
+except ImportError:  # Windows: page faults are not counted
+    resource = None
 
 F32 = 4  # bytes per float32 element
 LIBS = ("ours", "optax")  # the two libraries, on the per-leaf pytree
@@ -335,17 +345,30 @@ def compile_pack(params: Any) -> float:
     return time.perf_counter() - start
 
 
+def minor_page_faults() -> int | None:
+    """Minor page faults this process has taken so far (None where the OS does not say)."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Loop:
-    """Calls ``carry = fn(*carry, *consts)`` and times each call to completion."""
+    """Calls ``carry = fn(*carry, *consts)`` and times each call to completion; ``faults``
+    collects each call's minor page faults (None where they are not counted)."""
 
     def __init__(self, fn: Callable, carry: tuple, *consts: Any):
         self.fn, self.carry, self.consts = fn, carry, consts
+        self.faults: list[int | None] = []
 
     def __call__(self) -> float:
+        faults = minor_page_faults()
         start = time.perf_counter()
         self.carry = self.fn(*self.carry, *self.consts)
         jax.block_until_ready(self.carry)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        after = minor_page_faults()
+        self.faults.append(None if faults is None or after is None else after - faults)
+        return seconds
 
 
 def time_interleaved(loops: dict[str, Loop], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -417,6 +440,7 @@ def bench_steps(
         del params, variant_grads  # the loop holds them: donated at its first call
     samples = time_interleaved(loops, warmup, repeats)
     n = num_params(shapes)
+    faults = {v: loops[v].faults[-repeats:] for v in entry.variants}
     return {
         "optimizer": entry.name,
         "leaves": len(shapes),
@@ -428,6 +452,9 @@ def bench_steps(
         "compile_s": compile_s,
         "step_s": {v: statistics.median(samples[v]) for v in entry.variants},
         "samples_s": samples,
+        "page_faults_per_step": {
+            v: None if None in faults[v] else statistics.median(faults[v]) for v in entry.variants
+        },
     }
 
 
@@ -476,6 +503,10 @@ STEP_COLUMNS: list[report.Column] = [
     (
         "XLA B/param ours/flat/optax",
         lambda r: "/".join(_cell(r["xla_bytes_per_param"].get(v), 1, 0) for v in VARIANTS),
+    ),
+    (
+        "page faults/step ours/flat/optax",
+        lambda r: "/".join(_cell(r["page_faults_per_step"].get(v), 1, 0) for v in VARIANTS),
     ),
     ("ours ms", lambda r: _cell(r["step_s"]["ours"], 1e3, 2)),
     ("flat ms", lambda r: _cell(r["step_s"].get("flat"), 1e3, 2)),

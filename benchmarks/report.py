@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +67,11 @@ def load_average() -> list[float] | None:
         return None
 
 
+# Environment variables that change what a benchmark measures: XLA's compiler options, and
+# glibc's allocator tunables (on CPU, how XLA's temporary buffers are mapped).
+SETTINGS = ("XLA_FLAGS", "GLIBC_TUNABLES")
+
+
 def environment() -> dict[str, Any]:
     """The date, devices, host CPU and library versions a result was measured with."""
     device = jax.devices()[0]
@@ -80,6 +86,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "optax": optax.__version__,
         "numpy": np.__version__,
+        "settings": {name: os.environ[name] for name in SETTINGS if os.environ.get(name)},
     }
 
 
@@ -96,6 +103,8 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
         f"host CPU: {meta['cpu']}, {meta['cpu_count']} cores; "
         f"load average start {meta['load_start']}, end {meta['load_end']}",
         f"versions: {versions}, python {meta['python']}",
+        "settings: "
+        + (" ".join(f"{name}={value}" for name, value in meta["settings"].items()) or "(none)"),
     ]
 
 
@@ -119,7 +128,7 @@ def write_results(
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that produced a result, for its report: ``python -m <module> <args>``."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python -m", module, *args])
+    return " ".join(["python -m", module, *map(shlex.quote, args)])
 
 
 def publish(

@@ -26,6 +26,7 @@ SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")  # flat, not flat, f
 RATIO = "ratio ours/optax"
 LAST = "best ours/optax"  # the last column of both tables
 FLAT_COLUMNS = ("flat ms", "flat % ceiling", "ratio flat/optax")
+FAULTS = "page faults/step ours/flat/optax"
 # Optimizers whose rule needs each tensor's shape (factored moments): no flat variant.
 PER_TENSOR = {"adafactor"}
 # Norm-based rules: the same sums in another order, so equal to float32 rounding.
@@ -83,6 +84,11 @@ def test_end_to_end_tiny(tmp_path, capsys):
             assert record["ratio_flat"] is None
             assert all(cells[column] == "-" for column in FLAT_COLUMNS)
         assert record["bytes_per_param"] == bench.BYTE_MODELS[record["optimizer"]][0]
+        faults = record["page_faults_per_step"]
+        assert sorted(faults) == sorted(variants)
+        assert all(count is None or count >= 0 for count in faults.values())
+        faults_cell = cells[FAULTS].split("/")
+        assert len(faults_cell) == 3 and (faults_cell[1] == "-") == (not flat)
     # One pack time per pytree, as many samples as timed steps.
     assert sorted(saved["pack"]) == ["split", "transformer"]
     for pack in saved["pack"].values():
@@ -100,6 +106,7 @@ def test_end_to_end_tiny(tmp_path, capsys):
         for column in ("flat s", "pack s"):
             assert (row[compile_table["headers"].index(column)] == "-") == (not flat)
     assert saved["meta"]["command"].startswith("python -m benchmarks.optimizers --size 20000")
+    assert "settings: " in printed and "settings" in saved["meta"]
     assert saved["tables"] == result["tables"]
 
     markdown = (tmp_path / files[1]).read_text()
@@ -308,6 +315,21 @@ def test_ceiling_measures_both_kernels():
     rates = bench.measure_ceiling(1000, warmup=1, repeats=2)
     assert set(rates) == {"scale", "triad"}
     assert all(r > 0 for r in rates.values())
+
+
+@pytest.mark.skipif(bench.resource is None, reason="the OS does not count page faults")
+def test_page_faults_tell_a_fresh_buffer_from_a_donated_one():
+    """A step writing a fresh 128 MiB buffer faults on its pages (4 KiB, or 2 MiB where the
+    kernel backs it with huge pages); the same step on a donated buffer reuses it."""
+    n = 32 * 2**20
+    scale = lambda x, c: (x * c,)  # noqa: E731
+    c = jnp.float32(1.0)
+    fresh = bench.Loop(jax.jit(scale), (jnp.ones(n, jnp.float32),), c)
+    donated = bench.Loop(jax.jit(scale, donate_argnums=0), (jnp.ones(n, jnp.float32),), c)
+    bench.time_interleaved({"fresh": fresh, "donated": donated}, warmup=1, repeats=3)
+    fresh_faults, donated_faults = min(fresh.faults[1:]), max(donated.faults[1:])
+    assert fresh_faults >= 64, fresh.faults
+    assert donated_faults < fresh_faults / 4, (donated.faults, fresh.faults)
 
 
 def test_tree_bytes_counts_every_leaf():
