@@ -30,14 +30,19 @@ def scale_by_lion(
 
     with ``m_0 = 0`` and ``sign(0) = 0`` (a coordinate whose interpolation is
     exactly zero does not move). The defaults ``b1 = 0.9, b2 = 0.99`` are the
-    paper's. The only state is ``m``: one buffer per parameter, in the
-    parameter's dtype (4 bytes per float32 parameter, half of Adam's), and no
-    step counter, so the betas are numbers rather than schedules. Equal to
-    ``optax.scale_by_lion`` (whose state also carries a counter) and to the
-    update of lucidrains' ``lion-pytorch``.
+    paper's; either may be a schedule, read at the step counter. The state is
+    ``m``, one buffer per parameter in the parameter's dtype (4 bytes per
+    float32 parameter, half of Adam's), and that counter. Equal to
+    ``optax.scale_by_lion`` and to the update of lucidrains' ``lion-pytorch``.
     ``moment_dtype``: how the momentum is stored: None (the parameter's dtype),
     ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
     :mod:`optim_jax.quantization`).
+
+    On CPU, the direction reads the old ``m`` while ``m`` is updated in place,
+    and XLA's default copy insertion copies ``m`` into a fresh buffer every step
+    to keep the old values (Optax's Lion alike); with
+    ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true`` XLA orders
+    the two kernels instead and the copy goes (``benchmarks/README.md``).
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
