@@ -38,11 +38,9 @@ def scale_by_lion(
     ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
     :mod:`optim_jax.quantization`).
 
-    On CPU, the direction reads the old ``m`` while ``m`` is updated in place,
-    and XLA's default copy insertion copies ``m`` into a fresh buffer every step
-    to keep the old values (Optax's Lion alike); with
-    ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true`` XLA orders
-    the two kernels instead and the copy goes (``benchmarks/README.md``).
+    On CPU, the direction reads the old ``m`` while another kernel updates ``m``
+    in place, and XLA copies ``m`` into a fresh buffer every step to keep the old
+    values (Optax's Lion alike; the README's benchmark notes say what it costs).
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
