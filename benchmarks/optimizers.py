@@ -79,11 +79,6 @@ import optim_jax
 from benchmarks import report
 from optim_jax import FlatLayout, FlatParams
 
-try:
-    import resource
-except ImportError:  # Windows: page faults are not counted
-    resource = None
-
 F32 = 4  # bytes per float32 element
 LIBS = ("ours", "optax")  # the two libraries, on the per-leaf pytree
 # What is timed: optim_jax and Optax on the per-leaf pytree, and optim_jax's same
@@ -345,13 +340,6 @@ def compile_pack(params: Any) -> float:
     return time.perf_counter() - start
 
 
-def minor_page_faults() -> int | None:
-    """Minor page faults this process has taken so far (None where the OS does not say)."""
-    if resource is None:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 class Loop:
     """Calls ``carry = fn(*carry, *consts)`` and times each call to completion; ``faults``
     collects each call's minor page faults (None where they are not counted)."""
@@ -361,12 +349,12 @@ class Loop:
         self.faults: list[int | None] = []
 
     def __call__(self) -> float:
-        faults = minor_page_faults()
+        faults = report.minor_page_faults()
         start = time.perf_counter()
         self.carry = self.fn(*self.carry, *self.consts)
         jax.block_until_ready(self.carry)
         seconds = time.perf_counter() - start
-        after = minor_page_faults()
+        after = report.minor_page_faults()
         self.faults.append(None if faults is None or after is None else after - faults)
         return seconds
 
@@ -452,9 +440,7 @@ def bench_steps(
         "compile_s": compile_s,
         "step_s": {v: statistics.median(samples[v]) for v in entry.variants},
         "samples_s": samples,
-        "page_faults_per_step": {
-            v: None if None in faults[v] else statistics.median(faults[v]) for v in entry.variants
-        },
+        "page_faults_per_step": {v: report.faults_per_step(faults[v]) for v in entry.variants},
     }
 
 

@@ -1,5 +1,5 @@
-"""What every benchmark shares: the machine it ran on, tables as text or Markdown, the result
-files, and the command line's small argument types."""
+"""What every benchmark shares: the machine it ran on, page-fault counts, tables as text or
+Markdown, the result files, and the command line's small argument types."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+
+try:
+    import resource
+except ImportError:  # Windows: page faults are not counted
+    resource = None
 
 # A table column: its header and how a record gives its cell.
 Column = tuple[str, Callable[[dict[str, Any]], str]]
@@ -57,6 +63,23 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults this process has taken so far (None where the OS does not say).
+
+    On CPU, a buffer XLA allocates afresh in each step (a temporary too large to be reused)
+    is mapped anew every call and faults once per 4 KiB page on first touch; buffers that
+    are donated and updated in place take none.
+    """
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def faults_per_step(counts: Sequence[int | None]) -> float | None:
+    """The median of per-step fault counts; None if any is unknown."""
+    return None if None in counts else statistics.median(counts)
 
 
 def load_average() -> list[float] | None:

@@ -36,7 +36,9 @@ round) so that load from other processes hits both alike. Step time is the
 median over windows of (window time / window steps); tokens/s = tokens per step
 / step time; MFU = tokens/s x model FLOPs per token
 (:func:`train.metrics.model_flops_per_token`) / the summed peak of the mesh's
-devices in the compute dtype (None on CPU: no peak is known). The last column,
+devices in the compute dtype (None on CPU: no peak is known). Minor page faults
+are counted over the same windows (per step; on CPU they tell the temporaries
+XLA maps afresh each step). The last column,
 trainer/minimal tokens/s, is the trainer's efficiency (target: >= 0.97); the
 JSON and the summary also give the paired ratio, the median over rounds of the
 ratio of the two back-to-back windows, which drifting load disturbs less.
@@ -318,30 +320,37 @@ def first_call_s(side: Side) -> float:
     return time.perf_counter() - start
 
 
-def window_s(side: Side, steps: int) -> float:
-    """Seconds per step over ``steps`` consecutive steps, dispatched without waiting."""
+def time_window(side: Side, steps: int) -> tuple[float, float | None]:
+    """Seconds and minor page faults per step over ``steps`` consecutive steps, dispatched
+    without waiting (faults None where the OS does not count them)."""
+    faults = report.minor_page_faults()
     start = time.perf_counter()
     for _ in range(steps):
         side.step()
     side.sync()
-    return (time.perf_counter() - start) / steps
+    seconds = time.perf_counter() - start
+    after = report.minor_page_faults()
+    return seconds / steps, None if faults is None or after is None else (after - faults) / steps
 
 
 def time_interleaved(
-    sides: dict[str, Side], warmup: int, windows: int, window: int
-) -> dict[str, list[float]]:
-    """Per-step times of each window; windows alternate between sides, order reversed every
-    round."""
+    sides: dict[str, Side], warmup: int, windows: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float | None]]]:
+    """Per-step times and page faults of each window of ``steps`` steps; windows alternate
+    between sides, order reversed every round."""
     for _ in range(warmup):
         for side in sides.values():
             side.step()
             side.sync()
     samples: dict[str, list[float]] = {name: [] for name in sides}
+    faults: dict[str, list[float | None]] = {name: [] for name in sides}
     names = list(sides)
     for i in range(windows):
         for name in names if i % 2 == 0 else names[::-1]:
-            samples[name].append(window_s(sides[name], window))
-    return samples
+            seconds, count = time_window(sides[name], steps)
+            samples[name].append(seconds)
+            faults[name].append(count)
+    return samples, faults
 
 
 # ----------------------------------------------------------------------------- one recipe
@@ -378,7 +387,7 @@ def bench_recipe(
     compile_s = {name: first_call_s(side) for name, side in sides.items()}
     # Both sides' first step trained on batch 0 from the same initial parameters.
     first_loss = {name: side.loss() for name, side in sides.items()}
-    samples = time_interleaved(sides, warmup, windows, window)
+    samples, faults = time_interleaved(sides, warmup, windows, window)
     for side in sides.values():
         side.sync()
     # Both ran the same steps on the same batches: their losses and parameters still agree
@@ -434,6 +443,7 @@ def bench_recipe(
             m / t for t, m in zip(samples["trainer"], samples["minimal"], strict=True)
         ),
         "samples_s": samples,
+        "page_faults_per_step": {name: report.faults_per_step(f) for name, f in faults.items()},
     }
 
 
@@ -442,6 +452,11 @@ def bench_recipe(
 
 def _mfu(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _faults(record: dict[str, Any]) -> str:
+    counts = record["page_faults_per_step"]
+    return " / ".join("-" if counts[s] is None else f"{counts[s]:,.0f}" for s in SIDES)
 
 
 COLUMNS: list[report.Column] = [
@@ -454,6 +469,7 @@ COLUMNS: list[report.Column] = [
     ("minimal tok/s", lambda r: f"{r['tokens_per_s']['minimal']:,.0f}"),
     ("trainer compile s", lambda r: f"{r['compile_s']['trainer']:.2f}"),
     ("minimal compile s", lambda r: f"{r['compile_s']['minimal']:.2f}"),
+    ("page faults/step trainer / minimal", _faults),
     ("trainer MFU", lambda r: _mfu(r["mfu"]["trainer"])),
     ("minimal MFU", lambda r: _mfu(r["mfu"]["minimal"])),
     (RATIO, lambda r: f"{r['ratio']:.3f}"),

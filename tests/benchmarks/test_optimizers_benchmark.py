@@ -317,7 +317,7 @@ def test_ceiling_measures_both_kernels():
     assert all(r > 0 for r in rates.values())
 
 
-@pytest.mark.skipif(bench.resource is None, reason="the OS does not count page faults")
+@pytest.mark.skipif(report.resource is None, reason="the OS does not count page faults")
 def test_page_faults_tell_a_fresh_buffer_from_a_donated_one():
     """A step writing a fresh 128 MiB buffer faults on its pages (4 KiB, or 2 MiB where the
     kernel backs it with huge pages); the same step on a donated buffer reuses it."""

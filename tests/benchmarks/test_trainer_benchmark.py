@@ -72,8 +72,11 @@ def test_end_to_end_prints_table_and_writes_results(quick_run):
         assert record["mfu"][side] is None  # no known peak for a CPU
         assert len(record["samples_s"][side]) == 2  # --quick: 2 windows per side
         assert record["compile_s"][side] > 0
+        faults = record["page_faults_per_step"][side]
+        assert faults is None or faults >= 0
     assert saved["meta"]["command"].startswith("python -m benchmarks.trainer --quick")
     assert saved["meta"]["device_count"] == 8
+    assert "page faults/step trainer / minimal" in saved["table"]["headers"]
 
     markdown = (out / files[1]).read_text()
     assert "| " + " | ".join(saved["table"]["headers"]) + " |" in markdown
