@@ -349,13 +349,12 @@ class Loop:
         self.faults: list[int | None] = []
 
     def __call__(self) -> float:
-        faults = report.minor_page_faults()
-        start = time.perf_counter()
-        self.carry = self.fn(*self.carry, *self.consts)
-        jax.block_until_ready(self.carry)
-        seconds = time.perf_counter() - start
-        after = report.minor_page_faults()
-        self.faults.append(None if faults is None or after is None else after - faults)
+        with report.PageFaults() as faults:
+            start = time.perf_counter()
+            self.carry = self.fn(*self.carry, *self.consts)
+            jax.block_until_ready(self.carry)
+            seconds = time.perf_counter() - start
+        self.faults.append(faults.count)
         return seconds
 
 

@@ -65,16 +65,30 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def minor_page_faults() -> int | None:
-    """Minor page faults this process has taken so far (None where the OS does not say).
+def _minor_page_faults() -> int | None:
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class PageFaults:
+    """Counts the minor page faults this process takes inside a ``with`` block: ``count``
+    afterwards (None where the OS does not count them).
 
     On CPU, a buffer XLA allocates afresh in each step (a temporary too large to be reused)
     is mapped anew every call and faults once per 4 KiB page on first touch; buffers that
     are donated and updated in place take none.
     """
-    if resource is None:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    count: int | None = None
+
+    def __enter__(self) -> PageFaults:
+        self._start = _minor_page_faults()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = _minor_page_faults()
+        self.count = None if self._start is None or end is None else end - self._start
 
 
 def faults_per_step(counts: Sequence[int | None]) -> float | None:

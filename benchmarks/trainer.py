@@ -323,14 +323,13 @@ def first_call_s(side: Side) -> float:
 def time_window(side: Side, steps: int) -> tuple[float, float | None]:
     """Seconds and minor page faults per step over ``steps`` consecutive steps, dispatched
     without waiting (faults None where the OS does not count them)."""
-    faults = report.minor_page_faults()
-    start = time.perf_counter()
-    for _ in range(steps):
-        side.step()
-    side.sync()
-    seconds = time.perf_counter() - start
-    after = report.minor_page_faults()
-    return seconds / steps, None if faults is None or after is None else (after - faults) / steps
+    with report.PageFaults() as faults:
+        start = time.perf_counter()
+        for _ in range(steps):
+            side.step()
+        side.sync()
+        seconds = time.perf_counter() - start
+    return seconds / steps, None if faults.count is None else faults.count / steps
 
 
 def time_interleaved(
