@@ -2,18 +2,17 @@
 
 Compiling is most of what the suite spends (about half of its CPU time, 4,500 programs; a
 one-layer GPT's training step: 4.8 s to compile, milliseconds to run), so the session buys
-compile time back three ways:
+compile time back two ways:
 
 - XLA:CPU's LLVM back end at optimisation level 0, which halves the compile of the training
   step. The HLO every test compiles (partitioning, fusion, collectives) is the one users get;
   only LLVM's machine-code optimisation is skipped, so results agree with an optimised build to
   float32 rounding, not bit for bit (three AdamW steps on 77,100 weights of order 1: 4,133
   differ, by at most 4.8e-7).
-- XLA:CPU's loop emitters for fused kernels instead of its newer MLIR fusion emitters
-  (``--xla_cpu_use_fusion_emitters=false``): the same fusions emitted the older way, which
-  compiles 40% faster (a trivial program 33 -> 20 ms, a random-normal sampler 203 -> 115 ms).
-  An XLA flag that a jaxlib does not know aborts every process, so the session tries it once
-  in a subprocess and leaves it out where it is unknown.
+  (XLA:CPU's older loop emitters, ``--xla_cpu_use_fusion_emitters=false``, compiled 40% faster
+  but are not used: with them the image recipe's 8-device training step deadlocked in an
+  all-reduce, one device never arriving, in about half the runs of ``tests/train/test_vision.py``
+  on 2026-12-07; without them 4 runs of 4 passed.)
 - A persistent compilation cache in a temporary directory of this session, shared with the
   pytest-xdist workers and the subprocesses the tests start, and removed at the end: a program
   compiled again (the same step in another test, another trial, another ``python -m train``)
@@ -26,26 +25,13 @@ subprocesses inherit them).
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"  # where the installed jaxlib knows it
-
-
-def _xla_flags() -> str:
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    probe = subprocess.run(
-        [sys.executable, "-c", "import jax; jax.devices()"],
-        env={**os.environ, "XLA_FLAGS": f"{flags} {FAST_COMPILE}", "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-    )
-    return f"{flags} {FAST_COMPILE}" if probe.returncode == 0 else flags
-
+SESSION_XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 # Set once by the first process of the session (the xdist controller); workers inherit it.
 if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = _xla_flags()
+    os.environ["XLA_FLAGS"] = SESSION_XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The first process of the session (the xdist controller) makes the cache; workers inherit it.
 OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
