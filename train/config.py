@@ -220,6 +220,9 @@ class RunConfig:
     # ``hessian_trace`` (Hutchinson, ``sharpness_iters`` probes) of that step's first micro-batch.
     sharpness_every: int = 0
     sharpness_iters: int = 20
+    # Draw metrics.png at the end of the run: about a second of matplotlib, worth turning off
+    # for many short runs (sweeps, tests) whose metrics.jsonl is read by a program.
+    plot: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

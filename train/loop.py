@@ -597,7 +597,7 @@ def fit(
         stop_rule.close()
         logger.close()
     checkpointer.close()
-    if is_primary:
+    if is_primary and cfg.run.plot:
         metrics.plot(workdir)
     ending = eval_metrics(setup, state.params)
     return {
