@@ -33,6 +33,7 @@ TINY = [
     "run.eval_batches=1",
     "optimizer.warmup_steps=1",
     "precision.compute=float32",
+    "run.plot=false",
 ]
 LAST_COLUMN = "vs float32"
 

@@ -24,6 +24,7 @@ TINY_GPT = (
     "data.max_bytes=200000",
     "run.eval_batches=1",
     "run.log_every=1",
+    "run.plot=false",  # metrics.png: a second of matplotlib per run (test_main.py draws one)
 )
 
 # The image recipe as an MLP on 16x16 shapes in float32 ("bitwise" is then about our logic, not
@@ -33,6 +34,7 @@ IMAGE_MLP = (
     "data.batch_size=32",
     "run.eval_batches=1",
     "precision.compute=float32",
+    "run.plot=false",
 )
 
 

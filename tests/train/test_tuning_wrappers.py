@@ -37,6 +37,7 @@ TINY = (
     f"optimizer.learning_rate={LR}",
     "optimizer.schedule=constant",
     "optimizer.clip_norm=null",
+    "run.plot=false",
 )
 
 
