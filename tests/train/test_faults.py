@@ -1,7 +1,9 @@
 """Crashes at exact moments and damaged checkpoints: the trainer resumes to the same bits.
 
 What is proved here, with ``tests/train/fault_runner.py`` running ``train.loop.fit`` in a
-subprocess that SIGKILLs itself (no handler runs, nothing is flushed) at one exact moment:
+subprocess that SIGKILLs itself (no handler runs, nothing is flushed) at one exact moment, and
+``fit`` run again on the same workdir in this process (a fresh start: nothing of the killed run
+is in its memory):
 
 * killed inside a train step (earlier saves settled), killed while orbax's asynchronous write
   of a checkpoint is in flight (its arrays written, its commit not yet made), and killed right
@@ -19,10 +21,11 @@ subprocess that SIGKILLs itself (no handler runs, nothing is flushed) at one exa
   replaces when the step is saved again).
 
 The Checkpointer-level versions of the damage cases are in test_checkpoint.py; ``python -m
-train`` stopped from outside (SIGTERM, exit 143, resume) is in test_preemption.py. Every run
-here is a subprocess sharing one persistent XLA compilation cache (a temporary directory): a
-cold run costs ~30 s on a busy 2-core machine, a warm one ~9 s. The cache holds compiled
-programs only; what is compared is the arithmetic, which a cached executable does not change.
+train`` stopped from outside (SIGTERM, exit 143, resume) is in test_preemption.py. The
+uninterrupted reference run is in this process too, and fills the session's persistent XLA
+compilation cache (tests/conftest.py) that the killed subprocesses then load their programs
+from. The cache holds compiled programs only; what is compared is the arithmetic, which a cached
+executable does not change (and every run is built with the session's XLA flags).
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from tests.train.recipes import REPO, subprocess_env, tiny_gpt
-from train import metrics
+from train import config, loop, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +54,7 @@ OVERRIDES = [
     f"checkpoint.every={EVERY}",
     "optimizer.warmup_steps=2",
 ]
-TIMEOUT_S = 300  # per run; a run takes 9-35 s here, so only a hang reaches it
+TIMEOUT_S = 300  # per killed run; one takes 9-35 s here, so only a hang reaches it
 COMMIT, CHECKSUMS, TMP = "commit_success.txt", "checksums.json", ".orbax-checkpoint-tmp"
 
 # name -> (runner option, checkpoint directory listing right after the kill, steps whose
@@ -62,39 +66,25 @@ KILLS = {
 }
 
 
-class Runner:
-    """Starts fault_runner.py subprocesses that share one compilation cache."""
+def start_killed_run(workdir: pathlib.Path, *args: str) -> subprocess.Popen:
+    """fault_runner.py on ``workdir`` with a fault option; its output goes to a log file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(log_path(workdir), "w")  # noqa: SIM115 - closed with the process
+    cmd = [sys.executable, str(RUNNER), "--workdir", str(workdir), *args, *OVERRIDES]
+    env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def __init__(self, cache_dir: pathlib.Path):
-        self.env = {
-            **subprocess_env(),
-            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        }
 
-    def start(self, workdir: pathlib.Path, *args: str) -> subprocess.Popen:
-        workdir.mkdir(parents=True, exist_ok=True)
-        log = open(log_path(workdir), "a")  # noqa: SIM115 - closed with the process
-        cmd = [sys.executable, str(RUNNER), "--workdir", str(workdir), *args, *OVERRIDES]
-        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def run(self, workdir: pathlib.Path, *args: str) -> str:
-        """Runs to the end (no fault); the run's output. Fails the test if it fails."""
-        offset = log_path(workdir).stat().st_size if log_path(workdir).exists() else 0
-        rc = self.start(workdir, *args).wait(timeout=TIMEOUT_S)
-        output = log_path(workdir).read_text()[offset:]
-        assert rc == 0, output
-        return output
+def run_to_the_end(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    """``fit`` on ``workdir`` in this process, without a fault: every leaf of its final state
+    (params, optimizer state, loss scale, counters) by key path."""
+    state = loop.fit(config.load(None, OVERRIDES), workdir, progress=False)["state"]
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return {jax.tree_util.keystr(key): np.asarray(leaf) for key, leaf in leaves}
 
 
 def log_path(workdir: pathlib.Path) -> pathlib.Path:
     return workdir.with_suffix(".log")
-
-
-def final_state(npz: pathlib.Path) -> dict[str, np.ndarray]:
-    with np.load(npz) as archive:
-        return {key: archive[key] for key in archive.files}
 
 
 def assert_bitwise_state(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -151,27 +141,22 @@ def largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory) -> Runner:
-    return Runner(tmp_path_factory.mktemp("xla_cache"))
-
-
-@pytest.fixture(scope="module")
-def reference(runner, tmp_path_factory) -> tuple[dict[str, np.ndarray], dict[int, float]]:
+def reference(tmp_path_factory) -> tuple[dict[str, np.ndarray], dict[int, float]]:
     """ONE uninterrupted run, shared by every case: its final state and its loss per step."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    runner.run(workdir, "--save-final", str(workdir.parent / "final.npz"))
+    state = run_to_the_end(workdir)
     losses = losses_by_step(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1]  # it learns: the comparisons are not between constants
-    return final_state(workdir.parent / "final.npz"), losses
+    return state, losses
 
 
 @pytest.fixture(scope="module")
-def killed(runner, reference, tmp_path_factory) -> dict[str, tuple[pathlib.Path, int, str]]:
+def killed(reference, tmp_path_factory) -> dict[str, tuple[pathlib.Path, int, str]]:
     """The three killed runs, started together once the reference has filled the cache:
     name -> (workdir, exit status, output). Each test resumes in a copy of its workdir."""
     root = tmp_path_factory.mktemp("killed")
-    started = {name: runner.start(root / name, *KILLS[name][0]) for name in KILLS}
+    started = {name: start_killed_run(root / name, *KILLS[name][0]) for name in KILLS}
     out = {}
     for name, process in started.items():
         rc = process.wait(timeout=TIMEOUT_S)
@@ -186,7 +171,7 @@ def copy_workdir(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
 
 @pytest.mark.parametrize("case", sorted(KILLS))
 def test_killed_at_an_exact_moment_then_resumed_is_bitwise_the_uninterrupted_run(
-    runner, reference, killed, tmp_path, case
+    reference, killed, tmp_path, capsys, case
 ):
     _, listing, checksummed, resume_step = KILLS[case]
     source, rc, output = killed[case]
@@ -208,10 +193,10 @@ def test_killed_at_an_exact_moment_then_resumed_is_bitwise_the_uninterrupted_run
         # The write really was under way: the arrays are in the tmp directory, uncommitted.
         assert largest_data_file(checkpoints / f"6{TMP}").stat().st_size > 0
 
-    resumed_output = runner.run(workdir, "--save-final", str(tmp_path / "final.npz"))
-    assert f"resumed from {checkpoints / str(resume_step)}\n" in resumed_output
+    final = run_to_the_end(workdir)
+    assert f"resumed from {checkpoints / str(resume_step)}\n" in capsys.readouterr().out
     want_state, want_losses = reference
-    assert_bitwise_state(final_state(tmp_path / "final.npz"), want_state)
+    assert_bitwise_state(final, want_state)
     # The metrics file of the killed and the resumed session reads as the uninterrupted run's.
     assert losses_by_step(workdir) == want_losses
     assert_finished_cleanly(checkpoints, resume_step)
@@ -258,7 +243,7 @@ DAMAGE = {"damaged_files": _damage_files, "incomplete": _make_incomplete}
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_newest_checkpoints_are_named_kept_and_skipped(
-    runner, reference, killed, tmp_path, case
+    reference, killed, tmp_path, capsys, caplog, case
 ):
     source, rc, output = killed["in_step"]
     assert rc == -signal.SIGKILL, output
@@ -267,13 +252,13 @@ def test_damaged_newest_checkpoints_are_named_kept_and_skipped(
     reasons = DAMAGE[case](checkpoints)
     damaged = {name: snapshot(checkpoints / name) for name in reasons}
 
-    resumed_output = runner.run(workdir, "--save-final", str(tmp_path / "final.npz"))
+    final = run_to_the_end(workdir)
     for name, reason in reasons.items():
         line = f"checkpoint {checkpoints / name} is not usable and was skipped: {reason}"
-        assert line in resumed_output
-    assert f"resumed from {checkpoints / '2'}\n" in resumed_output  # past both bad ones
+        assert any(message.startswith(line) for message in caplog.messages), line
+    assert f"resumed from {checkpoints / '2'}\n" in capsys.readouterr().out  # past both bad ones
     want_state, want_losses = reference
-    assert_bitwise_state(final_state(tmp_path / "final.npz"), want_state)
+    assert_bitwise_state(final, want_state)
     assert losses_by_step(workdir) == want_losses
     assert_finished_cleanly(checkpoints, 2)
 
