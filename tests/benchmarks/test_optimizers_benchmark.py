@@ -35,7 +35,7 @@ ROUNDING = {"lamb", "clip_adamw_cosine"}
 
 def test_end_to_end_tiny(tmp_path, capsys):
     argv = ["--size", "20000", "--leaves", "20", "--repeats", "2", "--warmup", "1"]
-    argv += ["--compile-leaves", "2,5", "--optimizers", ",".join(SUBSET), "--out", str(tmp_path)]
+    argv += ["--compile-leaves", "2", "--optimizers", ",".join(SUBSET), "--out", str(tmp_path)]
     result = bench.main(argv)
     printed = capsys.readouterr().out
 
@@ -45,8 +45,8 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert step_header.endswith(LAST)
     for name in SUBSET:
         rows = [line for line in printed.splitlines() if line.startswith(name + " ")]
-        # two step rows (transformer, split) and four compile rows (2, 5, 20, 51 leaves)
-        assert len(rows) == 6, rows
+        # two step rows (transformer, split) and three compile rows (2, 20, 51 leaves)
+        assert len(rows) == 5, rows
         for row in rows:
             assert float(row.split()[-1]) > 0
     assert "pack ms" in printed
@@ -95,7 +95,7 @@ def test_end_to_end_tiny(tmp_path, capsys):
         assert len(pack["samples_s"]) == 2 and pack["pack_s"] > 0
 
     compiled = {(r["optimizer"], r["leaves"]) for r in saved["compile"]}
-    assert compiled == {(n, k) for n in SUBSET for k in (2, 5, 20, bench.TRANSFORMER_LEAVES)}
+    assert compiled == {(n, k) for n in SUBSET for k in (2, 20, bench.TRANSFORMER_LEAVES)}
     compile_table = saved["tables"]["compile"]
     assert compile_table["headers"][-1] == LAST
     assert {"flat s", "pack s", "ratio flat/optax"} <= set(compile_table["headers"])

@@ -269,6 +269,7 @@ TINY = [
     "run.steps=4",
     "optimizer.warmup_steps=1",
     "precision.compute=float32",
+    "run.plot=false",
 ]
 
 BUILD_CRASHES = {
