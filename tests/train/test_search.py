@@ -40,12 +40,13 @@ def load(*overrides: str) -> config.Config:
 @pytest.mark.slow
 def test_search_beats_the_base_config_and_resumes(tmp_path):
     workdir = tmp_path / "search"
-    first = ["search.trials=5"]
+    # No metrics.png per trial (a second of matplotlib each); the study's own figures are drawn.
+    first = ["run.plot=false", "search.trials=5"]
     study = search.run(load(*first), workdir, path=TINY, overrides=first, progress=False)
     trials = study.trials
     assert len(trials) == 5 and all(t.state.name in search.FINISHED for t in trials)
 
-    base = loop.fit(load(), tmp_path / "base", progress=False)["final_eval_loss"]
+    base = loop.fit(load(first[0]), tmp_path / "base", progress=False)["final_eval_loss"]
     best = study.best_trial
     # The base lr is 10x below what 10 steps want: the best of 5 trials should clearly win.
     assert best.value < base, (best.value, base)
@@ -72,7 +73,7 @@ def test_search_beats_the_base_config_and_resumes(tmp_path):
     assert rerun["final_eval_loss"] == pytest.approx(best.value, rel=1e-6)
 
     # Resume: the budget raised by one adds one trial to the same study.
-    more = ["search.trials=6"]
+    more = [first[0], "search.trials=6"]
     again = search.run(load(*more), workdir, path=TINY, overrides=more, progress=False)
     assert len(again.trials) == 6
     for old, new in zip(trials, again.trials[:5], strict=True):
