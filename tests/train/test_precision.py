@@ -232,7 +232,7 @@ FP16_UNDERFLOW = (
     "model.seq_len=32",
     "data.batch_size=32",
     "data.max_bytes=200000",
-    "run.steps=5",
+    "run.steps=4",
     "run.eval_batches=1",
     "optimizer.schedule=constant",
     "optimizer.learning_rate=1e-2",
@@ -271,6 +271,7 @@ def test_float16_trains_with_loss_scaling_and_underflows_without():
     # Measured: 99.8% of them with the scale, 0.14% without (only the columns of the targets).
     assert moved_scaled > 0.95
     assert moved_plain < 0.05
-    # And the loss: measured 10.83 -> 9.86 with the scale, -> 10.30 without, after 4 updates.
-    assert scaled[0] - scaled[-1] > 0.6
-    assert plain[-1] - scaled[-1] > 0.25
+    # And the loss: measured 10.83 -> 10.28 with the scale, -> 10.52 without, after 3 updates
+    # (the 4th step's loss); each step is ~2 s of float16 logits over a 50304-entry vocabulary.
+    assert scaled[0] - scaled[-1] > 0.4
+    assert plain[-1] - scaled[-1] > 0.15
