@@ -149,7 +149,7 @@ def test_growth_stops_short_of_float32_overflow():
 # ------------------------------------------------------------------------------ in the trainer
 
 SMALL = (
-    "model.n_layers=2",
+    "model.n_layers=1",
     "model.d_model=64",
     "model.n_heads=4",
     "model.seq_len=32",
