@@ -571,9 +571,18 @@ def fit(
     stopped = None
     try:
         step = start_step
+        previous_metrics = None
         while step < cfg.run.steps:
             batch = train_batch(setup, step + position.offset)
             state, step_metrics = setup.train_step(state, batch)
+            # At most two steps in flight: the host waits for the previous step while this one
+            # runs, so the device stays busy and nothing queues without bound (each queued step
+            # holds its batch). Unbounded, XLA:CPU's in-process all-reduce on 8 simulated
+            # devices deadlocked: one device's launch waited on a semaphore while the other 7
+            # waited for it in the all-reduce (image recipe, with the loop emitters).
+            if previous_metrics is not None:
+                jax.block_until_ready(previous_metrics)
+            previous_metrics = step_metrics
             # A host read each step (a sync), so only for the policy that acts on the host.
             if cfg.run.spike_policy == "rollback" and bool(step_metrics["spike"]):
                 rolled_back = _roll_back(cfg, checkpointer, target, step, position)

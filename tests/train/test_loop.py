@@ -352,6 +352,41 @@ def test_rerun_of_a_finished_workdir_changes_nothing(runs, tmp_path):
     assert snapshot(workdir / "checkpoints") == before
 
 
+def test_the_host_runs_at_most_one_step_ahead(monkeypatch, tmp_path):
+    """``fit`` waits for step N's outputs before it dispatches step N + 2: the queue of
+    dispatched steps is bounded (unbounded, XLA:CPU's all-reduce deadlocked; train/loop.py)."""
+    events = []  # ("dispatch", step) and ("wait", step), in the order they happen
+    step_of = {}  # id of a step's metrics -> its step
+    real_build, real_wait = loop.build, jax.block_until_ready
+
+    def build(cfg):
+        setup = real_build(cfg)
+        real_step = setup.train_step
+
+        def train_step(state, batch):
+            events.append(("dispatch", len(step_of) + 1))
+            new_state, step_metrics = real_step(state, batch)
+            step_of[id(step_metrics)] = len(step_of) + 1
+            return new_state, step_metrics
+
+        setup.train_step = train_step
+        return setup
+
+    def block_until_ready(x):
+        if id(x) in step_of:
+            events.append(("wait", step_of[id(x)]))
+        return real_wait(x)
+
+    monkeypatch.setattr(loop, "build", build)
+    monkeypatch.setattr(jax, "block_until_ready", block_until_ready)
+    loop.fit(cfg_of(*LAYOUTS["single"], "checkpoint.every=0"), tmp_path, progress=False)
+    dispatched = [step for kind, step in events if kind == "dispatch"]
+    assert dispatched == list(range(1, STEPS + 1))
+    for step in range(3, STEPS + 1):
+        before = events[: events.index(("dispatch", step))]
+        assert ("wait", step - 2) in before, (step, events)
+
+
 def test_plot_off_writes_the_metrics_but_no_figure(runs):
     """This module's runs set ``run.plot=false``; the README command draws the figure
     (test_main.py)."""
