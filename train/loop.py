@@ -144,6 +144,23 @@ def per_leaf(cfg: Config) -> Config:
     return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, flat_layout=False))
 
 
+class StepsInFlight:
+    """Keeps at most two training steps in flight: after dispatching a step, the host waits for
+    the previous one's outputs while this one runs, so the device stays busy and nothing queues
+    without bound (each queued step holds its batch). Unbounded, XLA:CPU's in-process
+    all-reduce on 8 simulated devices deadlocked: one device's launch waited on a semaphore
+    while the other seven waited for it in the all-reduce (the image recipe, loop emitters)."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+
+    def dispatched(self, outputs: Any) -> None:
+        """``outputs`` of the step just dispatched; returns once the step before it is done."""
+        if self.previous is not None:
+            jax.block_until_ready(self.previous)
+        self.previous = outputs
+
+
 def build(cfg: Config) -> Setup:
     """Mesh, sharded model and optimizer state, jitted steps and loaders for ``cfg``.
 
@@ -571,18 +588,11 @@ def fit(
     stopped = None
     try:
         step = start_step
-        previous_metrics = None
+        in_flight = StepsInFlight()
         while step < cfg.run.steps:
             batch = train_batch(setup, step + position.offset)
             state, step_metrics = setup.train_step(state, batch)
-            # At most two steps in flight: the host waits for the previous step while this one
-            # runs, so the device stays busy and nothing queues without bound (each queued step
-            # holds its batch). Unbounded, XLA:CPU's in-process all-reduce on 8 simulated
-            # devices deadlocked: one device's launch waited on a semaphore while the other 7
-            # waited for it in the all-reduce (image recipe, with the loop emitters).
-            if previous_metrics is not None:
-                jax.block_until_ready(previous_metrics)
-            previous_metrics = step_metrics
+            in_flight.dispatched(step_metrics)
             # A host read each step (a sync), so only for the policy that acts on the host.
             if cfg.run.spike_policy == "rollback" and bool(step_metrics["spike"]):
                 rolled_back = _roll_back(cfg, checkpointer, target, step, position)

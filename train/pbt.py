@@ -390,8 +390,10 @@ def run(
 
     record(0, population.evaluate(state.params))
     steps = cfg.run.steps
+    in_flight = loop.StepsInFlight()
     for step in range(steps):
-        state, _ = population.train_step(state, population.batch(step))
+        state, step_metrics = population.train_step(state, population.batch(step))
+        in_flight.dispatched(step_metrics)
         done = step + 1
         if done % pbt.interval and done != steps:
             continue
