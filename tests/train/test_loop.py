@@ -83,9 +83,10 @@ HEAD_SHARD = {
 # Tolerances of the mesh comparisons. On one device and on 8, XLA sums the same float32 numbers in
 # another order (per-shard partial sums, then all-reduce), so results differ in the last bits and
 # the differences grow a little through 8 AdamW steps. Measured on this CPU over all four layouts
-# (8 steps, float32, built as the suite builds: conftest.py's optimisation level 0), 2026-12-07:
-# max |loss difference| 3.3e-6 (7 float32 ulps at a loss of ~5.5), max |parameter difference|
-# 3.2e-6 (parameters of size ~0.02-1); the two-layer model of earlier versions: 3.8e-6 and 1.5e-6.
+# (8 steps, float32, built as the suite builds: conftest.py's XLA flags), 2026-12-07: max |loss
+# difference| 3.3e-6 (7 float32 ulps at a loss of ~5.5), max |parameter difference| 2.6e-6
+# (parameters of size ~0.02-1); at optimisation level 0 alone 3.3e-6 and 3.2e-6, and the
+# two-layer model of earlier versions 3.8e-6 and 1.5e-6.
 # The bars are about 10x above that, and far below what a real sharding bug gives: a wrong or
 # missing reduction or a mis-sliced batch moves the loss in its 2nd-3rd digit and parameters by
 # ~lr = 3e-3 per step.
