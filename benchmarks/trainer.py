@@ -6,8 +6,9 @@ the same mesh, from the same config and seed:
 
 * **trainer**: :func:`train.loop.build`, driven as :func:`train.loop.fit` drives
   it: each step ``batch = loop.train_batch(setup, step)`` (the host loader, then a
-  global array made from this process's rows) and ``state, metrics =
-  setup.train_step(state, batch)``. Building the batch is part of the trainer's
+  global array made from this process's rows), ``state, metrics =
+  setup.train_step(state, batch)`` and fit's wait for the previous step's outputs
+  (:class:`train.loop.StepsInFlight`). Building the batch is part of the trainer's
   cost and is timed; what ``fit`` does only every ``run.log_every`` /
   ``eval_every`` / ``checkpoint.every`` steps (logging, evaluation, checkpoints,
   the progress bar) is left out: its cost is set by those intervals, not by the
@@ -274,14 +275,18 @@ class TrainerSide:
     """``fit``'s per-step work: make the step's batch, run the jitted train step."""
 
     def __init__(self, setup: Any):
+        from train import loop
+
         self.setup, self.state, self.next_step = setup, setup.state, 0
         self.metrics: dict[str, jax.Array] = {}
+        self.in_flight = loop.StepsInFlight()
 
     def step(self) -> None:
         from train import loop
 
         batch = loop.train_batch(self.setup, self.next_step)
         self.state, self.metrics = self.setup.train_step(self.state, batch)
+        self.in_flight.dispatched(self.metrics)
         self.next_step += 1
 
     def sync(self) -> None:
