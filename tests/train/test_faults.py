@@ -71,7 +71,7 @@ def start_killed_run(workdir: pathlib.Path, *args: str) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(log_path(workdir), "w")  # noqa: SIM115 - closed with the process
     cmd = [sys.executable, str(RUNNER), "--workdir", str(workdir), *args, *OVERRIDES]
-    env = subprocess_env(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = subprocess_env()  # the session's XLA flags and compilation cache (tests/conftest.py)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
