@@ -326,8 +326,9 @@ def first_call_s(side: Side) -> float:
 
 
 def time_window(side: Side, steps: int) -> tuple[float, float | None]:
-    """Seconds and minor page faults per step over ``steps`` consecutive steps, dispatched
-    without waiting (faults None where the OS does not count them)."""
+    """Seconds and minor page faults per step over ``steps`` consecutive steps, each side
+    dispatching as it does (the trainer waiting for the step before, as ``fit``; the minimal
+    loop not at all), then one sync (faults None where the OS does not count them)."""
     with report.PageFaults() as faults:
         start = time.perf_counter()
         for _ in range(steps):
