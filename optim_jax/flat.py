@@ -38,21 +38,23 @@ shard counts, are supported.
 **Which transformations.** The flat buffers are ordinary arrays, so every
 transformation whose update is elementwise (SGD with momentum, Adam, AdamW,
 Lion, RMSprop, Adagrad, Sophia, value clipping, schedules) gives the per-leaf
-path's results bit for bit, and one that reduces over all leaves together
-(global-norm clipping) to float32 rounding: the same squares are added in another
-order. LAMB's and LARS's trust ratios take the norm of each parameter tensor
-through :func:`map_per_tensor`, which on the flat layout sums whole chunks: every
-leaf starts at a multiple of :data:`CHUNK` columns (the gaps hold zeros, which
-these rules keep at zero), so the norms cost a reshape, a sum and a segment sum
-whatever the number of leaves; they too agree to float32 rounding. Masks (``mask=`` of
-the weight-decay and LARS rules, through :func:`masked`) are given the per-leaf
-view (:meth:`FlatLayout.abstract_leaves`), so :func:`optim_jax.decay_mask` picks
-tensors by name and shape as it does per leaf, and the choice is applied per
-chunk. Rules that need a tensor's shape in the update (Adafactor's factored
+path's results bit for bit (with XLA's default fusion: XLA:CPU's optional
+multi-output fusion can round the two layouts' kernels an ulp apart), and one
+that reduces over all leaves together (global-norm clipping) to float32
+rounding: the same squares are added in another order. LAMB's and LARS's trust
+ratios take the norm of each parameter tensor through :func:`map_per_tensor`,
+which on the flat layout sums whole chunks: every leaf starts at a multiple of
+:data:`CHUNK` columns (the gaps hold zeros, which these rules keep at zero), so
+the norms cost a reshape, a sum and a segment sum whatever the number of
+leaves; they too agree to float32 rounding. Masks (``mask=`` of the
+weight-decay and LARS rules, through :func:`masked`) are given the per-leaf
+view (:meth:`FlatLayout.abstract_leaves`), so :func:`optim_jax.decay_mask`
+picks tensors by name and shape as it does per leaf, and the choice is applied
+per chunk. Rules that need a tensor's shape in the update (Adafactor's factored
 moments, adaptive gradient clipping per unit) or that give tensors different
 transformations by name (groups, layer-wise decay), and int8 moments (a block
-would mix tensors of different scales), refuse :class:`FlatParams` with an error
-(:func:`refuse_flat`) rather than compute something else.
+would mix tensors of different scales), refuse :class:`FlatParams` with an
+error (:func:`refuse_flat`) rather than compute something else.
 
 **Checkpoints and reports** read the per-leaf form: :func:`unflatten` turns every
 :class:`FlatParams` in a tree (parameters, optimizer state) back into per-leaf
