@@ -27,7 +27,7 @@ def _decayed(u: base.Array, p: base.Array, wd: Any, chosen: Any = True) -> base.
         return u
     term = wd * p.astype(base.compute_dtype(u.dtype))
     if chosen is not True:
-        term = jnp.where(chosen, term, 0.0)
+        term = jnp.where(chosen, term, -0.0)  # x + (-0.0) is x, bit for bit, for every x
     return (u + term).astype(u.dtype)
 
 
@@ -66,8 +66,7 @@ def add_decayed_weights(
         # flat.masked would pick where(mask, u + wd p, u) per element; choosing the decay term
         # instead reads u once. XLA:CPU does not fuse an expensive producer (Adam's direction)
         # into a kernel that reads it twice, so the first form writes the direction out and
-        # reads it back: 8 more bytes per parameter. Masked-out values are u + 0, the same
-        # numbers (a -0.0 in u becomes +0.0).
+        # reads it back: 8 more bytes per parameter. Masked-out values are u + (-0.0) = u.
         _need_params(params)
         count = state.inner_state.count
         wd = base.resolve(weight_decay, count)
