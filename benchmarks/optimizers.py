@@ -95,6 +95,7 @@ BYTE_MODELS: dict[str, tuple[int, str]] = {
     "sgd_momentum": (5 * F32, "read p, g, b; write p, b"),
     "adam": (7 * F32, "read p, g, m, v; write p, m, v"),
     "adamw": (7 * F32, "read p, g, m, v; write p, m, v"),
+    "adamw_decay_mask": (7 * F32, "read p, g, m, v; write p, m, v"),
     # The trust ratio needs ||p|| and ||update|| over the whole leaf before p can be
     # written, so two passes: the first reads p, g, m, v and writes m, v (and the norms),
     # the second reads p, m, v again and writes p.
@@ -157,6 +158,13 @@ ENTRIES: tuple[Entry, ...] = (
         lambda: optim_jax.adamw(1e-3, weight_decay=0.01),
         lambda: optax.adamw(1e-3, weight_decay=0.01),
         runs_flat=True,
+    ),
+    # The trainer's optimizer: no decay on biases, norm scales and the embedding.
+    Entry(
+        "adamw_decay_mask",
+        lambda: optim_jax.adamw(1e-3, weight_decay=0.01, mask=optim_jax.decay_mask),
+        lambda: optax.adamw(1e-3, weight_decay=0.01, mask=optim_jax.decay_mask),
+        runs_flat=True,  # the mask picks tensors on the per-leaf view, applied per chunk
     ),
     Entry(
         "lamb",
