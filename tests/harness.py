@@ -213,3 +213,16 @@ def run_torch(make_optimizer: Callable, params0: dict, grad_seq: list, scheduler
 def assert_trajectories_close(ours: list, want: list, rtol: float, what: str) -> None:
     for t, (a, b) in enumerate(zip(ours, want, strict=True), start=1):
         assert_close(a, b, rtol, f"[{what} step {t}] ")
+
+
+def step_bytes(tx: optax.GradientTransformation, params) -> float:
+    """Bytes XLA's cost analysis counts for one compiled step (update and apply, donated)."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, list) else analysis)["bytes accessed"])

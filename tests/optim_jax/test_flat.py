@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import optim_jax
 from optim_jax import flat as flat_module
 from optim_jax.flat import FlatParams, flat_layout
+from tests import harness
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
 
@@ -282,19 +283,6 @@ def test_masked_rules_match_the_per_leaf_path(name):
         assert not np.array_equal(unmasked["attn"]["bias"], per_leaf["attn"]["bias"])
 
 
-def _step_bytes(tx: optax.GradientTransformation, params) -> float:
-    """Bytes XLA's cost analysis counts for one compiled step (update and apply, donated)."""
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    state = jax.eval_shape(tx.init, params)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-    analysis = compiled.cost_analysis()
-    return float((analysis[0] if isinstance(analysis, list) else analysis)["bytes accessed"])
-
-
 @pytest.mark.parametrize(
     "name, make",
     [
@@ -320,7 +308,8 @@ def test_per_tensor_rules_add_no_memory_traffic_on_the_flat_layout(name, make):
     params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
     layout = flat_layout(params)
     flat = jax.eval_shape(layout.pack, params)
-    per_leaf_bytes, flat_bytes = _step_bytes(make(), params), _step_bytes(make(), flat)
+    per_leaf_bytes = harness.step_bytes(make(), params)
+    flat_bytes = harness.step_bytes(make(), flat)
     assert flat_bytes <= 1.1 * per_leaf_bytes, (name, flat_bytes / per_leaf_bytes)
 
 
