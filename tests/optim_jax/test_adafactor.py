@@ -340,3 +340,16 @@ def test_update_without_params_raises():
     params = {"w": jnp.ones((3, 2))}
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's reduction kernels")
+def test_the_cpu_step_reads_the_gradient_once_per_statistic():
+    """The row and column statistics square g as they read it. From one shared ``g * g + eps1``
+    XLA:CPU wrote the squares out and read them back for each reduction: 44.3 bytes per
+    parameter for this tree (measured before the change) against 36.3 now, of which the
+    statistics take 8, ``RMS(p)`` 4, the update's RMS 12 (the update, written out for its
+    reduction) and the parameter update 12. Optax's Adafactor: 56.2."""
+    shapes = {"embed": (512, 256), "q": (256, 256), "o": (256, 256), "norm": (256,)}
+    params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    n = sum(np.prod(v) for v in shapes.values())
+    assert harness.step_bytes(optim_jax.adafactor(), params) / n < 37.0
