@@ -110,24 +110,28 @@ def _decay(count: base.Array, decay_rate: float) -> tuple[base.Array, base.Array
     return 1 - mix, mix
 
 
-def _apart(g: base.Array) -> tuple[base.Array, base.Array]:
-    """``(g, g)`` as two values, on CPU, for the row and the column statistics.
+def _apart(*xs: base.Array) -> tuple[base.Array, ...]:
+    """``xs`` unchanged, on CPU as values of their own, for a reduction's input.
 
-    From one value both reductions would share ``g * g + eps1``, and XLA:CPU writes a
-    shared operand of two reductions out to memory (its reduction kernels read stored
-    inputs) and reads it back twice: 16 bytes per float32 parameter. Kept apart, each
-    reduction squares ``g`` as it reads it: 8 bytes. The barrier moves no data. Elsewhere
-    one value, so that XLA can fuse the two sibling reductions into one pass over ``g``.
+    XLA:CPU's reduction kernels read stored inputs: an operand that a reduction shares
+    with another kernel is written out at the parameter's size and read back, and on CPU
+    each step maps such a temporary afresh (a page fault per 4 KiB). Adafactor's
+    reductions would share ``g * g + eps1`` (the row and the column statistics) and the
+    broadcast row and column factors (the update and its RMS). Given values of their own
+    (an optimisation barrier, which moves no data), each reduction computes its input as
+    it reads: 28 bytes per float32 parameter of a factored step instead of 44. Elsewhere
+    the values themselves, so that XLA may fuse sibling reductions into one pass.
     """
     return jax.lax.platform_dependent(
-        g, cpu=lambda g: jax.lax.optimization_barrier((g, g)), default=lambda g: (g, g)
+        *xs, cpu=lambda *xs: jax.lax.optimization_barrier(xs), default=lambda *xs: xs
     )
 
 
 def _precondition(g, v_row, v_col, v, beta2, mix, eps1) -> tuple:
-    """``g / sqrt(v_hat)`` and the new statistics; ``g`` is already in the compute dtype."""
+    """``(u, mean(u**2), new_row, new_col, new_v)`` with ``u = g / sqrt(v_hat)``; ``g`` is
+    already in the compute dtype."""
     if v_row is not None:
-        g_rows, g_cols = _apart(g)
+        g_rows, g_cols = _apart(g, g)
         # mean(g**2) + eps1 is mean(g**2 + eps1); on CPU eps1 inside the mean would be a
         # broadcast array of the parameter's size, stored for the reduction kernel.
         new_row = beta2 * v_row.astype(g.dtype) + mix * (jnp.mean(g_rows * g_rows, axis=-1) + eps1)
@@ -136,12 +140,19 @@ def _precondition(g, v_row, v_col, v, beta2, mix, eps1) -> tuple:
         # The ratio new_row / mean(new_row) is never formed: for an all-zero row
         # (eps1 = 1e-30) beside rows of g ~ 1e4 it is below float32's smallest
         # normal, XLA flushes it to 0, and rsqrt(0) * 0 would put NaN in the leaf.
+        # For the same reason mean(u**2) squares g * row_factor, never row_factor alone.
         row_factor = jax.lax.rsqrt(new_row) * jnp.sqrt(jnp.mean(new_row, axis=-1, keepdims=True))
         col_factor = jax.lax.rsqrt(new_col)
-        u = g * row_factor[..., :, None] * col_factor[..., None, :]
-        return u, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), None
+
+        def preconditioned(row_factor, col_factor):
+            return g * row_factor[..., :, None] * col_factor[..., None, :]
+
+        u = preconditioned(row_factor, col_factor)
+        mean_square = jnp.mean(jnp.square(preconditioned(*_apart(row_factor, col_factor))))
+        return u, mean_square, new_row.astype(v_row.dtype), new_col.astype(v_col.dtype), None
     new_v = beta2 * quantization.read(v, g.dtype) + mix * (g * g + eps1)
-    return g * jax.lax.rsqrt(new_v), None, None, quantization.write(new_v, v)
+    u = g * jax.lax.rsqrt(new_v)
+    return u, jnp.mean(u * u), None, None, quantization.write(new_v, v)
 
 
 def _rms(x: base.Array) -> base.Array:
@@ -214,7 +225,7 @@ def scale_by_factored_rms(
 
         def one(g, v_row, v_col, v):
             g32 = g.astype(base.compute_dtype(g.dtype))
-            u, new_row, new_col, new_v = _precondition(g32, v_row, v_col, v, beta2, mix, eps)
+            u, _, new_row, new_col, new_v = _precondition(g32, v_row, v_col, v, beta2, mix, eps)
             return u.astype(g.dtype), new_row, new_col, new_v
 
         out, v_row, v_col, v = _map_leaves(one, 4, updates, state.v_row, state.v_col, state.v)
@@ -372,9 +383,11 @@ def scale_by_adafactor(
         def one(g, p, v_row, v_col, v, m, decay_leaf):
             cdt = base.compute_dtype(g.dtype)
             g32, p32 = g.astype(cdt), p.astype(cdt)
-            u, new_row, new_col, new_v = _precondition(g32, v_row, v_col, v, beta2, mix, eps1)
+            u, mean_square, new_row, new_col, new_v = _precondition(
+                g32, v_row, v_col, v, beta2, mix, eps1
+            )
             if clip_threshold is not None:
-                u = u / jnp.maximum(1.0, _rms(u) / clip_threshold)
+                u = u / jnp.maximum(1.0, jnp.sqrt(mean_square) / clip_threshold)
             alpha = rho * jnp.maximum(eps2, _rms(p32)) if scale_parameter else rho
             step = alpha * u
             new_m = None
