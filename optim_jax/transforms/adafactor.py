@@ -18,7 +18,10 @@ sums (``R_t = (G_t^2 + eps1) 1_m``, ``C_t = 1_n^T (G_t^2 + eps1)``). The two
 differ by the constant factors ``m`` and ``n``, which cancel in
 ``V_hat = R C / (1^T R) = v_row v_col / mean(v_row)``; means are what HF, Optax,
 T5X and mesh-tensorflow store. A tensor of rank > 2 is factored over its last
-two axes, one factorisation per trailing matrix (HF's rule).
+two axes, one factorisation per trailing matrix (HF's rule). They are computed as
+``mean(g**2) + eps1`` and the update's RMS from ``g`` and the factors, the same
+values as ``mean(g**2 + eps1)`` and ``RMS(u)`` up to float rounding, in a form XLA:CPU
+reduces without writing the squares or the update out (see ``_apart``).
 
 Dtypes: arithmetic runs in float32 or wider. By default the second-moment
 statistics (``v_row``, ``v_col`` and the full ``v``) are stored in that compute

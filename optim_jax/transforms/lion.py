@@ -70,28 +70,42 @@ def scale_by_lion(
         beta1 = base.resolve(b1, state.count)
         beta2 = base.resolve(b2, state.count)
 
-        def one(g, m):
+        def new_moment(g, m):
             g32 = g.astype(base.compute_dtype(g.dtype))
             m32 = quantization.read(m, g32.dtype)
-            new_m = quantization.write(beta2 * m32 + (1 - beta2) * g32, m)
+            return quantization.write(beta2 * m32 + (1 - beta2) * g32, m)
 
-            def from_old_moment(new_m, m32, g32):
-                return jnp.sign(beta1 * m32 + (1 - beta1) * g32)
+        def from_old_moment(g, m, new_m):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            c = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
+            return jnp.sign(c).astype(g.dtype)
 
-            def from_new_moment(new_m, m32, g32):
-                ratio = beta1 / beta2
-                return jnp.sign(ratio * new_m + (1 - ratio) * g32)
+        def from_new_moment(g, m, new_m):
+            g32 = g.astype(base.compute_dtype(g.dtype))
+            if quantization.is_moment(m) or m.dtype != g32.dtype:  # not stored exactly
+                return from_old_moment(g, m, new_m)
+            ratio = beta1 / beta2
+            return jnp.sign(ratio * new_m + (1 - ratio) * g32).astype(g.dtype)
 
-            stored_exactly = not quantization.is_moment(m) and m.dtype == g32.dtype
-            if direction_from_new_moment and stored_exactly:
-                direction = jax.lax.platform_dependent(
-                    new_m, m32, g32, cpu=from_new_moment, default=from_old_moment
-                )
-            else:
-                direction = from_old_moment(new_m, m32, g32)
-            return direction.astype(g.dtype), new_m
+        def directions(rule):
+            def tree(updates, mu, new_mu):
+                return jax.tree.map(rule, updates, mu, new_mu, is_leaf=quantization.is_moment)
 
-        out, new_mu = base.tree_map_multi(one, 2, updates, state.mu)
+            return tree
+
+        new_mu = jax.tree.map(new_moment, updates, state.mu, is_leaf=quantization.is_moment)
+        if direction_from_new_moment:
+            # One switch for the whole tree: one per leaf would add to the trace what XLA
+            # then compiles away (1.5x Optax's compile time at 1000 leaves).
+            out = jax.lax.platform_dependent(
+                updates,
+                state.mu,
+                new_mu,
+                cpu=directions(from_new_moment),
+                default=directions(from_old_moment),
+            )
+        else:
+            out = directions(from_old_moment)(updates, state.mu, new_mu)
         return out, LionState(count=base.increment_count(state.count), mu=new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
