@@ -89,11 +89,11 @@ def scale_by_lion(
 
         def directions(rule):
             def tree(updates, mu, new_mu):
-                return jax.tree.map(rule, updates, mu, new_mu, is_leaf=quantization.is_moment)
+                return jax.tree.map(rule, updates, mu, new_mu)
 
             return tree
 
-        new_mu = jax.tree.map(new_moment, updates, state.mu, is_leaf=quantization.is_moment)
+        new_mu = jax.tree.map(new_moment, updates, state.mu)
         if direction_from_new_moment:
             # One switch for the whole tree: one per leaf would add to the trace what XLA
             # then compiles away (1.5x Optax's compile time at 1000 leaves).
