@@ -343,13 +343,17 @@ def test_update_without_params_raises():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's reduction kernels")
-def test_the_cpu_step_writes_no_temporary():
+@pytest.mark.parametrize(("factored", "bound"), [(True, 29.0), (False, 40.5)])
+def test_the_cpu_step_writes_no_temporary(factored, bound):
     """Each reduction computes its input as it reads (``_apart``): the row and the column
     statistics square g, RMS(u) recomputes the update. With a shared ``g * g + eps1`` and a
     shared update XLA:CPU wrote both out and read them back: 44.3 bytes per parameter for
     this tree (measured before the change) against 28.3 now: the statistics 8, RMS(u) 4,
-    RMS(p) 4 and the parameter update 12 (p and g read, p written). Optax's Adafactor: 56.2."""
+    RMS(p) 4 and the parameter update 12 (p and g read, p written). Optax's Adafactor: 56.2.
+    Unfactored, the full statistic: 44.0 before (the update written out for its RMS), 40.0
+    now (v read and written 8, g read for it 4, RMS(u) from g and the new v 8, RMS(p) 4, the
+    parameter update reading p, g and v 16)."""
     shapes = {"embed": (512, 256), "q": (256, 256), "o": (256, 256), "norm": (256,)}
     params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
     n = sum(np.prod(v) for v in shapes.values())
-    assert harness.step_bytes(optim_jax.adafactor(), params) / n < 29.0
+    assert harness.step_bytes(optim_jax.adafactor(factored=factored), params) / n < bound
