@@ -62,6 +62,34 @@ def widest_half_gap(signed: bool) -> float:
     return 0.9 / 2 ** (7 if signed else 8)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_the_search_over_the_midpoints(signed):
+    """``nearest_code`` guesses the index from the book's decades and bins and corrects it;
+    it must equal NumPy's binary search over the midpoints exactly: on every code, every
+    midpoint and the floats on either side of it, the decade edges, zeros, +-1 and four
+    million values spread over ten decades."""
+    book = quantization.dynamic_code_book(signed)
+    midpoints = (book[1:] + book[:-1]) / 2
+    edges = np.float32(10.0) ** -np.arange(1, 8, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    parts = [
+        book,
+        midpoints,
+        np.nextafter(midpoints, np.float32(2)),
+        np.nextafter(midpoints, np.float32(-2)),
+        edges,
+        np.nextafter(edges, np.float32(1)),
+        np.nextafter(edges, np.float32(0)),
+        [0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45],
+        rng.uniform(-1, 1, 2_000_000),
+        np.sign(rng.standard_normal(2_000_000)) * 10.0 ** rng.uniform(-10, 0, 2_000_000),
+    ]
+    y = np.concatenate([np.asarray(part, np.float32) for part in parts])
+    y = np.clip(y if signed else np.abs(y), -1, 1)
+    codes = jax.jit(quantization.nearest_code, static_argnums=1)(y, signed)
+    np.testing.assert_array_equal(np.asarray(codes), np.searchsorted(midpoints, y, side="left"))
+
+
 # ------------------------------------------------------------------------------ round trips
 
 
