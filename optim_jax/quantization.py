@@ -182,12 +182,13 @@ def nearest_code(y: jax.Array, signed: bool) -> jax.Array:
     ``jnp.searchsorted(midpoints, y)`` gives it.
 
     A binary search over the 255 midpoints is a loop of eight gathers, each a pass over
-    the tensor (XLA:CPU writes every step out: 255 bytes per AdamW parameter, 46x the
+    the tensor (XLA:CPU writes every step out: 255 bytes per AdamW parameter, 41x the
     float32 step at 64M parameters). The book's structure gives the index instead, up to
     one either way: the decade ``k`` of ``|y|`` by comparisons, then the equal bin of
     ``[0.1, 1] x 10^-k`` it falls in, which holds the nearest code or borders it. Two steps
-    each way against the midpoints make it exact (the guess is never off by more than
-    one; ``tests/optim_jax/test_quantization.py`` checks the result against the search).
+    each way against the midpoints make it exact (on the values of
+    ``tests/optim_jax/test_quantization.py``, which checks the result against the search,
+    the guess is off by at most one: the second step is a margin).
     """
     book = dynamic_code_book(signed)
     midpoints = jnp.asarray((book[1:] + book[:-1]) / 2)
