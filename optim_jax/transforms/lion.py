@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -87,12 +88,6 @@ def scale_by_lion(
             ratio = beta1 / beta2
             return jnp.sign(ratio * new_m + (1 - ratio) * g32).astype(g.dtype)
 
-        def directions(rule):
-            def tree(updates, mu, new_mu):
-                return jax.tree.map(rule, updates, mu, new_mu)
-
-            return tree
-
         new_mu = jax.tree.map(new_moment, updates, state.mu)
         if direction_from_new_moment:
             # One switch for the whole tree: one per leaf would add to the trace what XLA
@@ -101,11 +96,11 @@ def scale_by_lion(
                 updates,
                 state.mu,
                 new_mu,
-                cpu=directions(from_new_moment),
-                default=directions(from_old_moment),
+                cpu=functools.partial(jax.tree.map, from_new_moment),
+                default=functools.partial(jax.tree.map, from_old_moment),
             )
         else:
-            out = directions(from_old_moment)(updates, state.mu, new_mu)
+            out = jax.tree.map(from_old_moment, updates, state.mu, new_mu)
         return out, LionState(count=base.increment_count(state.count), mu=new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
