@@ -377,6 +377,7 @@ def bench_recipe(
 ) -> dict[str, Any]:
     """Builds both sides of ``recipe`` and times them; returns the record of one table row."""
     from train import loop, metrics, precision
+    from train.models import gpt
 
     cfg = recipe_config(recipe, overrides)
     check_supported(cfg)
@@ -425,6 +426,9 @@ def bench_recipe(
             "seq_len": cfg.model.seq_len,
             "vocab_size": cfg.model.vocab_size,
             "remat": cfg.model.remat,
+            "attention": gpt.attention_implementation(
+                cfg.model, precision.compute_dtype(cfg.precision)
+            ),
         },
         "compute_dtype": cfg.precision.compute,
         "mesh": dict(setup.mesh.shape),
@@ -494,7 +498,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"* {record['recipe']} with overrides: {' '.join(record['overrides'])}")
         first, last = record["first_loss"], record["last_loss"]
         lines.append(
-            f"{record['recipe']}: loss of step 1 trainer {first['trainer']:.6f} / minimal "
+            f"{record['recipe']}: attention {record['model']['attention']}, remat "
+            f"{record['model']['remat']}; loss of step 1 trainer {first['trainer']:.6f} / minimal "
             f"{first['minimal']:.6f}, of step {record['steps_run']} {last['trainer']:.6f} / "
             f"{last['minimal']:.6f}; largest parameter difference after it "
             f"{record['param_max_abs_diff']:.2e} (same batches, same initial parameters); "

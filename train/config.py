@@ -87,6 +87,10 @@ class ModelConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     remat: bool = False
+    # gpt's attention kernel (train/models/gpt.py): "xla" (written out, every backend), "cudnn"
+    # (jax.nn.dot_product_attention's fused flash kernel: NVIDIA GPUs, bf16/fp16 compute) or
+    # "auto" (cudnn where it can run, else xla).
+    attention: str = "auto"
     # Image classifiers (cnn, mlp) on data.source=shapes:
     image_size: int = 16  # height and width of the square images
     num_classes: int = 4
@@ -515,6 +519,7 @@ OPTIMIZER_NAMES = (
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 INIT_MODES = ("fan_in", "fan_out")
 INIT_GAINS = ("auto", "linear", "relu", "gelu")
+ATTENTIONS = ("auto", "xla", "cudnn")
 
 # (dotted key, smallest allowed value): counts and cadences whose zero or negative values
 # would fail deep inside a run (division by zero, a stop at the first evaluation).
@@ -568,7 +573,12 @@ def _check_ranges(config: Config) -> None:
         value = getattr(config.run, key)
         if not value > 1:
             raise ConfigError(f"run.{key} must be > 1, got {value}")
-    for key, choices in (("init", INITS), ("init_mode", INIT_MODES), ("init_gain", INIT_GAINS)):
+    for key, choices in (
+        ("init", INITS),
+        ("init_mode", INIT_MODES),
+        ("init_gain", INIT_GAINS),
+        ("attention", ATTENTIONS),
+    ):
         if getattr(config.model, key) not in choices:
             raise ConfigError(
                 f"model.{key} must be one of {', '.join(choices)}, "

@@ -81,6 +81,7 @@ def test_empty_file_is_the_defaults(tmp_path):
         ("model.d_model=true", r"model\.d_model: expected int, got bool True"),
         ("model.d_model=abc", r"model\.d_model: expected int, got str 'abc'"),
         ("model.remat=1", r"model\.remat: expected bool, got int 1"),
+        ("model.attention=flash", r"model\.attention must be one of auto, xla, cudnn, got 'flash'"),
         ("optimizer.learning_rate=fast", r"optimizer\.learning_rate: expected float, got str"),
         ("optimizer.clip_norm=big", r"optimizer\.clip_norm: expected float, got str 'big'"),
         ("optimizer.options=[1, 2]", r"optimizer\.options: expected dict, got list"),
