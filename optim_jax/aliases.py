@@ -19,26 +19,13 @@ from optim_jax.transforms.lion import scale_by_lion
 from optim_jax.transforms.momentum import trace
 from optim_jax.transforms.scale import scale_by_learning_rate
 from optim_jax.transforms.sophia import scale_by_sophia
-from optim_jax.transforms.trust_ratio import scale_by_lars, scale_by_trust_ratio
-from optim_jax.transforms.weight_decay import MaskOrFn, add_decayed_weights
-
-
-def is_zero(value: base.ScalarOrSchedule) -> bool:
-    """True for the number 0; a schedule is never statically zero."""
-    return not callable(value) and float(value) == 0.0
+from optim_jax.transforms.trust_ratio import scale_by_lamb, scale_by_lars
+from optim_jax.transforms.weight_decay import MaskOrFn, decoupled_weight_decay, is_zero
 
 
 def chain_present(*transforms: optax.GradientTransformation | None) -> optax.GradientTransformation:
     """``optax.chain`` of the transforms that are not None."""
     return optax.chain(*(t for t in transforms if t is not None))
-
-
-def decoupled_weight_decay(
-    weight_decay: base.ScalarOrSchedule, mask: MaskOrFn
-) -> optax.GradientTransformation | None:
-    """``add_decayed_weights`` when ``weight_decay`` can be non-zero, else None."""
-    validation.check_non_negative("weight_decay", weight_decay)
-    return None if is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
 
 
 def sgd(
@@ -192,7 +179,9 @@ def lamb(
 
     per parameter tensor, with ``m_hat, v_hat`` Adam's bias-corrected moments
     (:func:`optim_jax.transforms.scale_by_adam`) and the trust ratio set to 1
-    where either norm is 0 (:func:`optim_jax.transforms.scale_by_trust_ratio`).
+    where either norm is 0 (:func:`optim_jax.transforms.scale_by_trust_ratio`); the
+    three are one transformation, :func:`optim_jax.transforms.scale_by_lamb`, so that
+    on CPU the norm of ``u`` need not be written out.
     Defaults: ``b1, b2`` from the paper, ``eps = 1e-6`` from the paper's BERT
     setup and the reference TF implementation, ``weight_decay = 0`` as in Optax.
 
@@ -207,10 +196,8 @@ def lamb(
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return chain_present(
-        scale_by_adam(b1, b2, eps, moment_dtype),
-        decoupled_weight_decay(weight_decay, mask),
-        scale_by_trust_ratio(),
+    return optax.chain(
+        scale_by_lamb(b1, b2, eps, weight_decay, mask, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
 

@@ -155,6 +155,16 @@ def check_against_reference(
                     )
 
 
+def apply_step(tx: optax.GradientTransformation) -> Callable:
+    """``(params, state, grads) -> (params + update, new state)``: one step of ``tx``."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
 def run_with_states(
     tx: optax.GradientTransformation, params0: dict, grad_seq: list, dtype=np.float64
 ) -> list[tuple]:
@@ -163,11 +173,7 @@ def run_with_states(
         params = _cast_tree(params0, dtype)
         opt_state = tx.init(params)
 
-        @jax.jit
-        def step(params, opt_state, grads):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
+        step = jax.jit(apply_step(tx))
         out = []
         for g in grad_seq:
             params, opt_state = step(params, opt_state, _cast_tree(g, dtype))
@@ -217,12 +223,7 @@ def assert_trajectories_close(ours: list, want: list, rtol: float, what: str) ->
 
 def step_bytes(tx: optax.GradientTransformation, params) -> float:
     """Bytes XLA's cost analysis counts for one compiled step (update and apply, donated)."""
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
     state = jax.eval_shape(tx.init, params)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    compiled = jax.jit(apply_step(tx), donate_argnums=(0, 1)).lower(params, state, params).compile()
     analysis = compiled.cost_analysis()
     return float((analysis[0] if isinstance(analysis, list) else analysis)["bytes accessed"])

@@ -8,7 +8,7 @@ float32 or wider; the state keeps each parameter's dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,30 @@ class AdamState(NamedTuple):
     nu: base.Updates  # second moment v, one per parameter
 
 
+def adam_scalars(
+    b1: base.ScalarOrSchedule, b2: base.ScalarOrSchedule, count: jax.Array
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """``(beta1, beta2, 1 / (1 - beta1^t), 1 / (1 - beta2^t))`` for the update after ``count``.
+
+    Betas given as schedules are evaluated at ``count`` (``t - 1``) and the bias
+    correction uses the current value, as Optax's ``inject_hyperparams`` does. The
+    reciprocals are taken once: multiplying every element by them is the form XLA would
+    pick for some trees and not others (dividing by a scalar shared by many leaves stays
+    a division), so stating it keeps results independent of how the leaves are laid out.
+    """
+    beta1 = base.resolve(b1, count)
+    beta2 = base.resolve(b2, count)
+    t = base.increment_count(count)
+    return beta1, beta2, 1 / base.bias_correction(beta1, t), 1 / base.bias_correction(beta2, t)
+
+
+def adam_direction(
+    m: jax.Array, v: jax.Array, inverse_correction1: Any, inverse_correction2: Any, eps: Any
+) -> jax.Array:
+    """Adam's step direction from the new moments, ``m_hat / (sqrt(v_hat) + eps)``."""
+    return (m * inverse_correction1) / (jnp.sqrt(v * inverse_correction2) + eps)
+
+
 def scale_by_adam(
     b1: base.ScalarOrSchedule = 0.9,
     b2: base.ScalarOrSchedule = 0.999,
@@ -192,22 +216,13 @@ def scale_by_adam(
 
     def update_fn(updates, state, params=None):
         del params
-        beta1 = base.resolve(b1, state.count)
-        beta2 = base.resolve(b2, state.count)
-        count = base.increment_count(state.count)
-        # Reciprocals taken once: multiplying every element by them is the form XLA would pick
-        # for some trees and not others (dividing by a scalar shared by many leaves stays a
-        # division), so stating it keeps results independent of how the leaves are laid out.
-        inverse_correction1 = 1 / base.bias_correction(beta1, count)
-        inverse_correction2 = 1 / base.bias_correction(beta2, count)
+        beta1, beta2, inverse_correction1, inverse_correction2 = adam_scalars(b1, b2, state.count)
 
         def one(g, m, v):
             g32 = g.astype(base.compute_dtype(g.dtype))
             new_m = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
             new_v = beta2 * quantization.read(v, g32.dtype) + (1 - beta2) * g32 * g32
-            direction = (new_m * inverse_correction1) / (
-                jnp.sqrt(new_v * inverse_correction2) + eps
-            )
+            direction = adam_direction(new_m, new_v, inverse_correction1, inverse_correction2, eps)
             return (
                 direction.astype(g.dtype),
                 quantization.write(new_m, m),
@@ -215,6 +230,6 @@ def scale_by_adam(
             )
 
         out, new_mu, new_nu = base.tree_map_multi(one, 3, updates, state.mu, state.nu)
-        return out, AdamState(count=count, mu=new_mu, nu=new_nu)
+        return out, AdamState(count=base.increment_count(state.count), mu=new_mu, nu=new_nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

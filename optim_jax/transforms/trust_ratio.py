@@ -10,19 +10,39 @@ Both transformations need ``params`` in ``update``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optim_jax import base, flat, validation
-from optim_jax.transforms.weight_decay import MaskOrFn
+from optim_jax import base, flat, quantization, validation
+from optim_jax.transforms.adaptive import adam_direction, adam_scalars, scale_by_adam
+from optim_jax.transforms.weight_decay import MaskOrFn, decayed, decoupled_weight_decay
 
 
 def _ratio_or_one(numerator: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
     """``numerator / denominator`` where ``ok``, else 1; never divides by zero."""
     return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 1.0)
+
+
+def _trust_scaled(
+    norm: Callable[[jax.Array], jax.Array],
+    u: jax.Array,
+    p: jax.Array,
+    measured: jax.Array,
+    trust_coefficient: float,
+    eps: float,
+) -> jax.Array:
+    """``u`` times ``c ||p|| / (||u|| + eps)`` (1 where a norm is 0), ``||u||`` taken of
+    ``measured``: ``u`` itself, or the same values computed again for the norm's kernel."""
+    u32 = u.astype(base.compute_dtype(u.dtype))
+    p_norm = norm(p.astype(u32.dtype))
+    u_norm = norm(measured.astype(u32.dtype))
+    ratio = _ratio_or_one(trust_coefficient * p_norm, u_norm + eps, (p_norm > 0) & (u_norm > 0))
+    return (ratio * u32).astype(u.dtype)
 
 
 def _need_params(name: str, params: Any) -> None:
@@ -67,17 +87,121 @@ def scale_by_trust_ratio(
         _need_params("scale_by_trust_ratio", params)
 
         def one(norm, u, p):
-            u32 = u.astype(base.compute_dtype(u.dtype))
-            p_norm = norm(p.astype(u32.dtype))
-            u_norm = norm(u32)
-            ratio = _ratio_or_one(
-                trust_coefficient * p_norm, u_norm + eps, (p_norm > 0) & (u_norm > 0)
-            )
-            return (ratio * u32).astype(u.dtype)
+            return _trust_scaled(norm, u, p, u, trust_coefficient, eps)
 
         return flat.map_per_tensor(one, updates, params), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_lamb(
+    b1: base.ScalarOrSchedule = 0.9,
+    b2: base.ScalarOrSchedule = 0.999,
+    eps: float = 1e-6,
+    weight_decay: base.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    moment_dtype: quantization.MomentDtype = None,
+) -> optax.GradientTransformation:
+    """LAMB's step before the learning rate: Adam's direction plus decoupled weight decay,
+    ``u = m_hat / (sqrt(v_hat) + eps) + wd * p``, scaled per tensor by ``||p|| / ||u||``.
+
+    The numbers and the state of ``optax.chain(optax.chain(scale_by_adam(b1, b2, eps,
+    moment_dtype), add_decayed_weights(weight_decay, mask)), scale_by_trust_ratio())``
+    (no decay when ``weight_decay`` is 0), which is what runs on GPU and TPU and for
+    leaves whose moments are stored rounded (bfloat16, int8).
+
+    On CPU every other leaf's (or flat group's) ``||u||`` is taken from ``u`` computed a
+    second time, from the new moments and ``p`` passed through an optimisation barrier
+    and the scalars (bias corrections, eps, weight decay) as vectors along the last axis.
+    XLA:CPU computes ``u`` (a division and a square root) once for its two readers, the
+    norm and the parameter update, so from the chain alone it writes ``u`` to a fresh
+    buffer and reads it back; and it gives a whole-array sum to a library kernel that
+    computes elementwise inputs inline but not a broadcast scalar (each becomes an array
+    of the tensor's size). With its own ``u`` the norm reads ``p`` and the new moments:
+    56 bytes per parameter a step instead of 60 per leaf, 59 instead of 63 on the flat
+    layout, and no temporary (``benchmarks/optimizers.py``: 0.58 -> 0.36 of Optax's
+    step time at 64M parameters, 2026-12-07).
+    """
+    decay = decoupled_weight_decay(weight_decay, mask)
+    direction = optax.chain(*(t for t in (scale_by_adam(b1, b2, eps, moment_dtype), decay) if t))
+    trust = scale_by_trust_ratio()
+
+    def init_fn(params):
+        return direction.init(params), trust.init(params)
+
+    def update_fn(updates, state, params=None):
+        _need_params("scale_by_lamb", params)
+        direction_state, trust_state = state
+        u, new_direction_state = direction.update(updates, direction_state, params)
+        count = direction_state[0].count
+        _, _, inverse_correction1, inverse_correction2 = adam_scalars(b1, b2, count)
+        wd = 0.0 if decay is None else base.resolve(weight_decay, count)
+        scalars = (inverse_correction1, inverse_correction2, eps, wd)
+
+        def measured(u, m, v, p, chosen):
+            """``u`` computed again from the stored new moments, for the norm's kernel alone;
+            ``u`` itself where the moments are stored rounded (the update read them unrounded)."""
+            if u.ndim == 0 or not (
+                isinstance(m, jax.Array) and m.dtype == base.compute_dtype(u.dtype)
+            ):
+                return u
+            m, v, p, c1, c2, e, w = jax.lax.optimization_barrier(
+                (m, v, p, *(jnp.full(u.shape[-1:], x, m.dtype) for x in scalars))
+            )
+            return decayed(adam_direction(m, v, c1, c2, e).astype(u.dtype), p, w, chosen)
+
+        if flat.is_flat(u):
+            chosen = _decayed_groups(decay is not None, mask, u.layout)
+
+            def again(u, mu, nu, params):
+                buffers = [x.buffers for x in (u, mu, nu, params)]
+                return flat.FlatParams(
+                    {name: measured(*(b[name] for b in buffers), chosen[name]) for name in chosen},
+                    u.layout,
+                )
+
+        elif any(flat.is_flat(x) for x in jax.tree.leaves(u, is_leaf=flat.is_flat)):
+            return trust.update(u, trust_state, params)[0], (new_direction_state, trust_state)
+        else:
+            chosen = _decayed_leaves(decay is not None, mask, params)
+
+            def again(u, mu, nu, params):
+                return jax.tree.map(measured, u, mu, nu, params, chosen)
+
+        def on_cpu(u, mu, nu, params):
+            def scaled(norm, u, p, measured_u):
+                return _trust_scaled(norm, u, p, measured_u, 1.0, 0.0)
+
+            return flat.map_per_tensor(scaled, u, params, again(u, mu, nu, params))
+
+        def elsewhere(u, mu, nu, params):
+            del mu, nu
+            return trust.update(u, trust_state, params)[0]
+
+        adam_state = new_direction_state[0]
+        # One switch for the whole tree (as in Lion): one per leaf lengthens the trace.
+        out = jax.lax.platform_dependent(
+            u, adam_state.mu, adam_state.nu, params, cpu=on_cpu, default=elsewhere
+        )
+        return out, (new_direction_state, trust_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decayed_groups(decays: bool, mask: MaskOrFn, layout: flat.FlatLayout) -> dict[str, Any]:
+    """Per group buffer of the flat layout: whether the decay applies (as ``tensor_mask``)."""
+    if not decays or mask is None:
+        return {group.name: decays for group in layout.groups}
+    return flat.tensor_mask(mask, layout)
+
+
+def _decayed_leaves(decays: bool, mask: MaskOrFn, params: base.Params) -> Any:
+    """Per parameter leaf: whether the decay applies (a Python bool, or an array mask)."""
+    if not decays or mask is None:
+        return jax.tree.map(lambda _: decays, params)
+    mask_tree = mask(params) if callable(mask) else mask
+    chosen = jax.tree.broadcast(mask_tree, params)
+    return jax.tree.map(lambda c: bool(c) if isinstance(c, bool | np.bool_) else c, chosen)
 
 
 def scale_by_lars(

@@ -20,7 +20,7 @@ from optim_jax import base, flat, validation
 MaskOrFn = Any | Callable[[base.Params], Any] | None
 
 
-def _decayed(u: base.Array, p: base.Array, wd: Any, chosen: Any = True) -> base.Array:
+def decayed(u: base.Array, p: base.Array, wd: Any, chosen: Any = True) -> base.Array:
     """``u + wd * p`` where ``chosen``: True, False (``u`` itself) or a boolean array
     broadcasting against ``u``."""
     if chosen is False:
@@ -52,7 +52,7 @@ def add_decayed_weights(
     def update_fn(updates, state, params=None):
         _need_params(params)
         wd = base.resolve(weight_decay, state.count)
-        updates = jax.tree.map(lambda u, p: _decayed(u, p, wd), updates, params)
+        updates = jax.tree.map(lambda u, p: decayed(u, p, wd), updates, params)
         return updates, base.CountState(count=base.increment_count(state.count))
 
     transform = optax.GradientTransformation(init_fn, update_fn)
@@ -72,13 +72,26 @@ def add_decayed_weights(
         wd = base.resolve(weight_decay, count)
         chosen = flat.tensor_mask(mask, updates.layout)
         buffers = {
-            name: _decayed(u, params.buffers[name], wd, chosen[name])
+            name: decayed(u, params.buffers[name], wd, chosen[name])
             for name, u in updates.buffers.items()
         }
         new_state = base.CountState(count=base.increment_count(count))
         return flat.FlatParams(buffers, updates.layout), optax.MaskedState(inner_state=new_state)
 
     return optax.GradientTransformationExtraArgs(per_tensor.init, masked_update_fn)
+
+
+def is_zero(value: base.ScalarOrSchedule) -> bool:
+    """True for the number 0; a schedule is never statically zero."""
+    return not callable(value) and float(value) == 0.0
+
+
+def decoupled_weight_decay(
+    weight_decay: base.ScalarOrSchedule, mask: MaskOrFn
+) -> optax.GradientTransformation | None:
+    """``add_decayed_weights`` when ``weight_decay`` can be non-zero, else None."""
+    validation.check_non_negative("weight_decay", weight_decay)
+    return None if is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
 
 
 def _need_params(params: Any) -> None:

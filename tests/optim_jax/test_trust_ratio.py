@@ -90,6 +90,93 @@ def test_lamb_mask_exempts_decay_but_not_trust_ratio():
         np.testing.assert_allclose(np.linalg.norm(step[k]), 1e-2 * np.linalg.norm(params[k]))
 
 
+def _lamb_as_a_chain(wd, mask=None, moment_dtype=None):
+    """LAMB as the chain ``scale_by_lamb`` must equal: Adam, decay, trust ratio, lr."""
+    direction = [transforms.scale_by_adam(0.9, 0.999, 1e-6, moment_dtype)]
+    if wd:
+        direction.append(transforms.add_decayed_weights(wd, mask))
+    return optax.chain(
+        optax.chain(optax.chain(*direction), transforms.scale_by_trust_ratio()),
+        transforms.scale_by_learning_rate(1e-2),
+    )
+
+
+LAMB_CPU_CASES = {
+    "no_decay": dict(wd=0.0),
+    "decay": dict(wd=0.1),
+    "scheduled_decay_and_mask": dict(wd=decaying(0.1), mask=lambda p: {k: k != "b" for k in p}),
+    "bf16_params_f32_moments": dict(wd=0.1, moment_dtype="float32", dtype=jnp.bfloat16),
+    "bf16_moments": dict(wd=0.1, moment_dtype="bfloat16"),
+    "int8_moments": dict(wd=0.1, moment_dtype="int8"),
+}
+
+
+@pytest.mark.parametrize("layout", ["per_leaf", "flat"])
+@pytest.mark.parametrize("case", LAMB_CPU_CASES)
+def test_lamb_is_its_chain_on_every_layout_and_moment_dtype(case, layout):
+    """On CPU ``scale_by_lamb`` takes ``||u||`` from ``u`` computed again inside the norm's
+    kernel (and, with rounded moments, from ``u`` itself): its 8 steps must move the
+    parameters as the plain chain does. Not bit for bit: the two programs' norms are float32
+    sums that XLA may block differently, so the trust ratios differ by float32 roundings
+    (1e-7 relative); the bound 1e-5 of the largest move is far below what a missing or
+    misplaced decay term does to a ratio (10% here)."""
+    if case == "int8_moments" and layout == "flat":
+        pytest.skip("int8 moments refuse the flat layout (test_quantization)")
+    case = dict(LAMB_CPU_CASES[case])
+    dtype = case.pop("dtype", jnp.float32)
+    rng = np.random.default_rng(0)
+    shapes = {"w": (384, 256), "e": (300, 64), "b": (256,)}
+    params = {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in shapes.items()}
+    grads = [
+        {k: jnp.asarray(1e-2 * rng.standard_normal(s), dtype) for k, s in shapes.items()}
+        for _ in range(8)
+    ]
+    wd, mask, moment_dtype = case["wd"], case.get("mask"), case.get("moment_dtype")
+    results = []
+    for tx in (
+        optim_jax.lamb(1e-2, 0.9, 0.999, 1e-6, wd, mask, moment_dtype),
+        _lamb_as_a_chain(wd, mask, moment_dtype),
+    ):
+        p = params
+        if layout == "flat":
+            p = optim_jax.flat_layout(params).pack(params)
+        state, step = tx.init(p), jax.jit(harness.apply_step(tx))
+        for g in grads:
+            g = optim_jax.flat.flatten_like(p, g)
+            p, state = step(p, state, g)
+        results.append(optim_jax.flat.unflatten(p))
+    for k in shapes:
+        ours, chain = (np.asarray(r[k], np.float64) for r in results)
+        if dtype == jnp.bfloat16:
+            # Ratios a float32 rounding apart can round a bfloat16 parameter the other way, and
+            # its later steps then round from another value: a few elements may part by a few
+            # bfloat16 ulps (2^-7 relative each) of the parameter or of a step (lr = 1e-2).
+            assert np.all(np.abs(ours - chain) <= 2.0**-5 * np.maximum(np.abs(chain), 1e-2)), k
+            assert np.mean(ours != chain) < 0.005, k
+            continue
+        start = np.asarray(params[k], np.float64)
+        moved, moved_by_chain = ours - start, chain - start
+        assert np.max(np.abs(moved - moved_by_chain)) <= 1e-5 * np.max(np.abs(moved_by_chain)), k
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion of reductions")
+@pytest.mark.parametrize("layout", ["per_leaf", "flat"])
+def test_the_cpu_lamb_step_writes_no_update_out(layout):
+    """14 float32 accesses per parameter: Adam's two moment kernels (g, m -> m; g, v -> v),
+    the sum of squares of u computed inside its kernel from p and the new m and v, that of p,
+    and the update (p, m, v -> p). The chain writes u out for the sum and reads it back:
+    60 bytes per parameter on the per-leaf layout, 63 on the flat one (its norms' chunk sums
+    read u again), as measured when this test was written."""
+    shapes = {"embed": (512, 256), "norm": (256,), "q": (256, 256), "bias": (256,)}
+    params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    bound = 56.5
+    if layout == "flat":
+        params = jax.eval_shape(optim_jax.flat_layout(params).pack, params)
+        bound = 59.5  # the chunk sums' and segment sums' small arrays
+    n = sum(np.prod(v) for v in shapes.values())
+    assert harness.step_bytes(optim_jax.lamb(1e-3, weight_decay=0.1), params) / n < bound
+
+
 def test_trust_ratio_scales_update_norm_to_param_norm():
     params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.array([3.0, -4.0])}
     updates = {"w": jnp.full((2, 3), 0.25), "b": jnp.array([1e-3, 0.0])}
