@@ -23,11 +23,6 @@ from optim_jax.transforms.trust_ratio import scale_by_lamb, scale_by_lars
 from optim_jax.transforms.weight_decay import MaskOrFn, decoupled_weight_decay, is_zero
 
 
-def chain_present(*transforms: optax.GradientTransformation | None) -> optax.GradientTransformation:
-    """``optax.chain`` of the transforms that are not None."""
-    return optax.chain(*(t for t in transforms if t is not None))
-
-
 def sgd(
     learning_rate: base.ScalarOrSchedule,
     momentum: base.ScalarOrSchedule = 0.0,
@@ -53,7 +48,7 @@ def sgd(
     validation.check_beta("momentum", momentum)
     if nesterov and is_zero(momentum):
         raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
-    return chain_present(
+    return base.chain_present(
         decoupled_weight_decay(weight_decay, None),
         None if is_zero(momentum) else trace(momentum, nesterov, moment_dtype),
         scale_by_learning_rate(learning_rate),
@@ -153,7 +148,7 @@ def adamw(
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return chain_present(
+    return base.chain_present(
         scale_by_adam(b1, b2, eps, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
@@ -246,7 +241,7 @@ def lars(
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     validation.check_beta("momentum", momentum)
-    return chain_present(
+    return base.chain_present(
         scale_by_lars(trust_coefficient, weight_decay, eps, mask),
         scale_by_learning_rate(learning_rate),
         None if is_zero(momentum) else trace(momentum, moment_dtype=moment_dtype),
@@ -281,7 +276,7 @@ def lion(
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return chain_present(
+    return base.chain_present(
         scale_by_lion(b1, b2, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
@@ -325,7 +320,7 @@ def sophia(
     for both: ``h`` can be negative); see :mod:`optim_jax.quantization`. None
     keeps the parameter's dtype.
     """
-    return chain_present(
+    return base.chain_present(
         scale_by_sophia(b1, b2, gamma, eps, update_interval, moment_dtype),
         decoupled_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),

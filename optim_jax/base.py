@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array: TypeAlias = jax.Array
 Schedule: TypeAlias = Callable[[Array], Array]
@@ -163,3 +164,8 @@ def all_finite(tree: Any) -> jax.Array:
     """
     checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
+
+
+def chain_present(*transforms: optax.GradientTransformation | None) -> optax.GradientTransformation:
+    """``optax.chain`` of the transforms that are not None."""
+    return optax.chain(*(t for t in transforms if t is not None))

@@ -123,7 +123,7 @@ def scale_by_lamb(
     step time at 64M parameters, 2026-12-07).
     """
     decay = decoupled_weight_decay(weight_decay, mask)
-    direction = optax.chain(*(t for t in (scale_by_adam(b1, b2, eps, moment_dtype), decay) if t))
+    direction = base.chain_present(scale_by_adam(b1, b2, eps, moment_dtype), decay)
     trust = scale_by_trust_ratio()
 
     def init_fn(params):
