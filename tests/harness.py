@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.optimizers import make_step as apply_step
+
 # Leaf shapes every reference test uses: a scalar, a vector, small matrices, a
 # matrix over any factoring threshold (Adafactor's is 128 when enabled) and a 3-D tensor.
 LEAF_SHAPES: dict[str, tuple[int, ...]] = {
@@ -153,16 +155,6 @@ def check_against_reference(
                     assert_close(
                         view[name], want_state[name], rtol[dtype], where + name, prev_state[name]
                     )
-
-
-def apply_step(tx: optax.GradientTransformation) -> Callable:
-    """``(params, state, grads) -> (params + update, new state)``: one step of ``tx``."""
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return step
 
 
 def run_with_states(
