@@ -133,6 +133,11 @@ def scale_by_lamb(
         _need_params("scale_by_lamb", params)
         direction_state, trust_state = state
         u, new_direction_state = direction.update(updates, direction_state, params)
+        new_state = (new_direction_state, trust_state)
+        if not flat.is_flat(u) and any(
+            flat.is_flat(x) for x in jax.tree.leaves(u, is_leaf=flat.is_flat)
+        ):  # flat groups beside per-leaf arrays: the chain's form
+            return trust.update(u, trust_state, params)[0], new_state
         count = direction_state[0].count
         _, _, inverse_correction1, inverse_correction2 = adam_scalars(b1, b2, count)
         wd = 0.0 if decay is None else base.resolve(weight_decay, count)
@@ -160,8 +165,6 @@ def scale_by_lamb(
                     u.layout,
                 )
 
-        elif any(flat.is_flat(x) for x in jax.tree.leaves(u, is_leaf=flat.is_flat)):
-            return trust.update(u, trust_state, params)[0], (new_direction_state, trust_state)
         else:
             chosen = _decayed_leaves(decay is not None, mask, params)
 
@@ -183,7 +186,7 @@ def scale_by_lamb(
         out = jax.lax.platform_dependent(
             u, adam_state.mu, adam_state.nu, params, cpu=on_cpu, default=elsewhere
         )
-        return out, (new_direction_state, trust_state)
+        return out, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
