@@ -6,15 +6,16 @@ optimizer with an Optax counterpart (:data:`ENTRIES`) it measures:
 * **Step time**: the median wall time of one jitted step
   ``updates, state = tx.update(grads, state, params); params = params + updates``
   with ``params`` and ``state`` donated (updated in place), timed to
-  ``jax.block_until_ready``, in up to three variants (:data:`VARIANTS`): ``ours``
+  ``jax.block_until_ready``, in three variants (:data:`VARIANTS`): ``ours``
   and ``optax`` on the per-leaf pytree, and ``flat``, optim_jax's same
   transformation on the stored flat multi-tensor layout (:mod:`optim_jax.flat`):
   parameters, optimizer state and gradients are packed once, before timing, into
   one buffer per dtype, as a program that keeps its parameters flat holds them
   (its gradients arrive flat, as the transpose of the model's ``layout.unpack``).
-  Every optimizer but Adafactor has the flat variant (:attr:`Entry.runs_flat`):
-  elementwise rules, the global norm, and LAMB's per-tensor norms (summed by chunks
-  on the layout) run on it; Adafactor factors each matrix and refuses the layout.
+  Every optimizer has the flat variant: elementwise rules, the global norm, LAMB's
+  per-tensor norms (summed by chunks on the layout) and Adafactor's factored
+  statistics (on stacks of same-shaped tensors, with the layout's ``by_shape``
+  option: :attr:`Entry.flat_by_shape`).
   Warm-up calls are excluded; the variants' steps are interleaved (ours, flat,
   Optax, Optax, flat, ours, ...) so that load from other processes hits all alike.
   Two float32 pytrees of about ``--size`` parameters: ``transformer``, a 4-layer
@@ -113,29 +114,29 @@ BYTE_MODELS: dict[str, tuple[int, str]] = {
 class Entry:
     """One optimizer: optim_jax's and Optax's constructors for the same update rule.
 
-    ``runs_flat``: whether optim_jax's transformation runs on the flat multi-tensor
-    layout (:class:`optim_jax.FlatParams`), which gives the "flat" variant.
+    ``flat_by_shape``: the flat variant's layout gives each kind of tensor (dtype,
+    sharding, shape) a buffer of its own (``optim_jax.flat_layout(..., by_shape=True)``),
+    as rules that reduce over tensor axes (Adafactor) want; otherwise one per dtype.
     """
 
     name: str
     make_ours: Callable[[], optax.GradientTransformation]
     make_optax: Callable[[], optax.GradientTransformation]
-    runs_flat: bool
+    flat_by_shape: bool = False
 
     @property
     def bytes_per_param(self) -> int:
         return BYTE_MODELS[self.name][0]
 
-    @property
-    def variants(self) -> tuple[str, ...]:
-        """The variants of :data:`VARIANTS` this optimizer is timed in."""
-        return VARIANTS if self.runs_flat else LIBS
-
     def make(self, variant: str) -> optax.GradientTransformation:
         """The transformation of a variant: "flat" is optim_jax's, given flat parameters."""
-        if variant not in self.variants:
-            raise ValueError(f"{self.name} has no variant {variant!r}; it has {self.variants}")
+        if variant not in VARIANTS:
+            raise ValueError(f"{self.name} has no variant {variant!r}; it has {VARIANTS}")
         return self.make_optax() if variant == "optax" else self.make_ours()
+
+    def flat_layout(self, params: Any) -> FlatLayout:
+        """The flat variant's layout of ``params`` (per-leaf, abstract or concrete)."""
+        return optim_jax.flat_layout(abstract(params), by_shape=self.flat_by_shape)
 
 
 # Learning-rate schedule of the chain: warm-up from 0 to 1e-3 over 100 updates, cosine
@@ -150,39 +151,34 @@ ENTRIES: tuple[Entry, ...] = (
         "sgd_momentum",
         lambda: optim_jax.sgd(0.1, momentum=0.9),
         lambda: optax.sgd(0.1, momentum=0.9),
-        runs_flat=True,
     ),
-    Entry("adam", lambda: optim_jax.adam(1e-3), lambda: optax.adam(1e-3), runs_flat=True),
+    Entry("adam", lambda: optim_jax.adam(1e-3), lambda: optax.adam(1e-3)),
     Entry(
         "adamw",
         lambda: optim_jax.adamw(1e-3, weight_decay=0.01),
         lambda: optax.adamw(1e-3, weight_decay=0.01),
-        runs_flat=True,
     ),
     # The trainer's optimizer: no decay on biases, norm scales and the embedding.
     Entry(
         "adamw_decay_mask",
         lambda: optim_jax.adamw(1e-3, weight_decay=0.01, mask=optim_jax.decay_mask),
         lambda: optax.adamw(1e-3, weight_decay=0.01, mask=optim_jax.decay_mask),
-        runs_flat=True,  # the mask picks tensors on the per-leaf view, applied per chunk
     ),
     Entry(
         "lamb",
         lambda: optim_jax.lamb(1e-3, weight_decay=0.01),
         lambda: optax.lamb(1e-3, weight_decay=0.01),
-        runs_flat=True,  # its trust ratio takes each tensor's norms by chunk sums
     ),
     Entry(
         "lion",
         lambda: optim_jax.lion(1e-4, weight_decay=0.01),
         lambda: optax.lion(1e-4, weight_decay=0.01),
-        runs_flat=True,
     ),
     Entry(
         "adafactor",
         lambda: optim_jax.adafactor(1e-2, min_dim_size_to_factor=128),
         lambda: optax.adafactor(1e-2, min_dim_size_to_factor=128),
-        runs_flat=False,  # it factors each matrix into row and column statistics
+        flat_by_shape=True,  # its statistics reduce over each stack of same-shaped tensors
     ),
     Entry(
         "clip_adamw_cosine",
@@ -194,7 +190,6 @@ ENTRIES: tuple[Entry, ...] = (
             optax.clip_by_global_norm(1.0),
             optax.adamw(optax.warmup_cosine_decay_schedule(*CHAIN_SCHEDULE), weight_decay=0.1),
         ),
-        runs_flat=True,  # the global norm sums over all buffers, as over all leaves
     ),
 )
 ENTRY_NAMES = tuple(entry.name for entry in ENTRIES)
@@ -326,10 +321,10 @@ def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, fl
     return compiled, time.perf_counter() - start, state
 
 
-def abstract_flat(params: Any) -> tuple[FlatLayout, FlatParams]:
+def abstract_flat(params: Any, by_shape: bool = False) -> tuple[FlatLayout, FlatParams]:
     """``(layout, abstract flat params)`` of a per-leaf pytree (abstract or concrete)."""
     params = abstract(params)
-    layout = optim_jax.flat_layout(params)
+    layout = optim_jax.flat_layout(params, by_shape=by_shape)
     return layout, jax.eval_shape(layout.pack, params)
 
 
@@ -421,12 +416,12 @@ def bench_steps(
     gradients, packed before timing and compiling).
     """
     loops, compile_s, state_bytes, xla_bytes = {}, {}, {}, {}
-    for variant in entry.variants:
+    for variant in VARIANTS:
         tx = entry.make(variant)
         params = random_tree(shapes, seed=0, scale=0.02)
         variant_grads = grads
         if variant == "flat":
-            layout = optim_jax.flat_layout(params)
+            layout = entry.flat_layout(params)
             params, variant_grads = layout.pack(params), layout.pack(grads)
         compiled, compile_s[variant], abstract_state = compile_step(tx, params)
         state_bytes[variant] = tree_bytes(abstract_state)
@@ -435,19 +430,19 @@ def bench_steps(
         del params, variant_grads  # the loop holds them: donated at its first call
     samples = time_interleaved(loops, warmup, repeats)
     n = num_params(shapes)
-    faults = {v: loops[v].faults[-repeats:] for v in entry.variants}
+    faults = {v: loops[v].faults[-repeats:] for v in VARIANTS}
     return {
         "optimizer": entry.name,
         "leaves": len(shapes),
         "params": n,
-        "runs_flat": entry.runs_flat,
+        "flat_by_shape": entry.flat_by_shape,
         "bytes_per_param": entry.bytes_per_param,
-        "state_bytes_per_param": {v: state_bytes[v] / n for v in entry.variants},
-        "xla_bytes_per_param": {v: xla_bytes[v] / n for v in entry.variants},
+        "state_bytes_per_param": {v: state_bytes[v] / n for v in VARIANTS},
+        "xla_bytes_per_param": {v: xla_bytes[v] / n for v in VARIANTS},
         "compile_s": compile_s,
-        "step_s": {v: statistics.median(samples[v]) for v in entry.variants},
+        "step_s": {v: statistics.median(samples[v]) for v in VARIANTS},
         "samples_s": samples,
-        "page_faults_per_step": {v: report.faults_per_step(faults[v]) for v in entry.variants},
+        "page_faults_per_step": {v: report.faults_per_step(faults[v]) for v in VARIANTS},
     }
 
 
@@ -455,10 +450,10 @@ def bench_compile(entry: Entry, n_leaves: int, size: int) -> dict[str, float]:
     """Compile seconds of every variant of ``entry`` at ``n_leaves`` leaves (abstract); the
     flat variant's on the stored layout, as timed in the step table."""
     per_leaf = abstract_tree(tree_shapes(size, n_leaves))
-    flat = abstract_flat(per_leaf)[1]
+    flat = abstract_flat(per_leaf, by_shape=entry.flat_by_shape)[1]
     return {
         variant: compile_step(entry.make(variant), flat if variant == "flat" else per_leaf)[1]
-        for variant in entry.variants
+        for variant in VARIANTS
     }
 
 
@@ -646,11 +641,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     pack_compile_s: dict[int, float] = {}  # leaves -> seconds to compile the pack
     for tree_name, shapes in pytrees.items():
         grads = random_tree(shapes, seed=1, scale=1e-3)
-        if any(entry.runs_flat for entry in entries):
-            _progress(f"pack time: {tree_name} ({len(shapes)} leaves)")
-            samples = time_pack(grads, args.warmup, args.repeats)
-            pack[tree_name] = {"pack_s": statistics.median(samples), "samples_s": samples}
-            pack_compile_s[len(shapes)] = compile_pack(grads)
+        _progress(f"pack time: {tree_name} ({len(shapes)} leaves)")
+        samples = time_pack(grads, args.warmup, args.repeats)
+        pack[tree_name] = {"pack_s": statistics.median(samples), "samples_s": samples}
+        pack_compile_s[len(shapes)] = compile_pack(grads)
         for entry in entries:
             _progress(f"step time: {entry.name} on {tree_name} ({len(shapes)} leaves)")
             record = {"pytree": tree_name} | bench_steps(
@@ -675,19 +669,18 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     for entry in entries:
         for n in args.compile_leaves:
-            if entry.runs_flat and n not in pack_compile_s:
+            if n not in pack_compile_s:
                 _progress(f"compile time: pack at {n} leaves")
                 pack_compile_s[n] = compile_pack(abstract_tree(tree_shapes(args.size, n)))
             if (entry.name, n) not in compile_s:
                 _progress(f"compile time: {entry.name} at {n} leaves")
                 compile_s[entry.name, n] = bench_compile(entry, n, args.size)
-    runs_flat = {entry.name: entry.runs_flat for entry in entries}
     compiles = [
         {
             "optimizer": name,
             "leaves": n,
             "compile_s": s,
-            "pack_compile_s": pack_compile_s[n] if runs_flat[name] else None,
+            "pack_compile_s": pack_compile_s[n],
         }
         | ratios(s)
         for (name, n), s in sorted(

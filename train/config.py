@@ -158,9 +158,10 @@ class OptimizerConfig:
     accumulation_steps: int = 1
     # Keep params and optimizer state in the flat multi-tensor layout (optim_jax.flat): a few
     # buffers per dtype and sharding instead of one array per tensor, so the update compiles
-    # and runs as a few fused kernels whatever the model's tensor count. Checkpoints stay
-    # per-leaf (interchangeable with runs without it); groups, Adafactor and int8 moments
-    # refuse it.
+    # and runs as a few fused kernels whatever the model's tensor count (for Adafactor a
+    # buffer per tensor shape: its statistics see the layers' matrices as one stack).
+    # Checkpoints stay per-leaf (interchangeable with runs without it); groups and int8
+    # moments refuse it.
     flat_layout: bool = False
     # Wrappers (optim_jax.wrappers; README "Tuning and analysis"). SAM: the step's gradient is
     # taken again at params + rho g/||g|| (a second forward/backward per step); 0 = off;

@@ -194,7 +194,9 @@ def build(cfg: Config) -> Setup:
     params = per_leaf_params
     if cfg.optimizer.flat_layout:
         try:
-            params = optim_jax.flat_layout(params).pack(params)
+            # Adafactor reduces over each stack of same-shaped tensors: a buffer per shape.
+            by_shape = cfg.optimizer.name == "adafactor"
+            params = optim_jax.flat_layout(params, by_shape=by_shape).pack(params)
         except optim_jax.flat.FlatLayoutError as err:
             raise _flat_layout_error(cfg, err) from None
 

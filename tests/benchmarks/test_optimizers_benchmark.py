@@ -18,19 +18,20 @@ import numpy as np
 import optax
 import pytest
 
-import optim_jax
 from benchmarks import optimizers as bench
 from benchmarks import report
 
-SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")  # flat, not flat, flat chain
+# elementwise, factored (its flat layout has a buffer per shape), a chain with a global norm
+SUBSET = ("sgd_momentum", "adafactor", "clip_adamw_cosine")
 RATIO = "ratio ours/optax"
 LAST = "best ours/optax"  # the last column of both tables
 FLAT_COLUMNS = ("flat ms", "flat % ceiling", "ratio flat/optax")
 FAULTS = "page faults/step ours/flat/optax"
-# Optimizers whose rule needs each tensor's shape (factored moments): no flat variant.
-PER_TENSOR = {"adafactor"}
-# Norm-based rules: the same sums in another order, so equal to float32 rounding.
-ROUNDING = {"lamb", "clip_adamw_cosine"}
+# Optimizers whose rule needs each tensor's shape (factored moments): a buffer per shape.
+BY_SHAPE = {"adafactor"}
+# Norm-based rules and means over tensors: the same sums in another order, so equal to
+# float32 rounding.
+ROUNDING = {"lamb", "clip_adamw_cosine", "adafactor"}
 
 
 def test_end_to_end_tiny(tmp_path, capsys):
@@ -66,29 +67,24 @@ def test_end_to_end_tiny(tmp_path, capsys):
         for name in SUBSET
     ]
     for record, row in zip(saved["steps"], table["rows"], strict=True):
-        flat = record["optimizer"] not in PER_TENSOR
-        assert record["runs_flat"] == flat
-        variants = ["ours", "flat", "optax"] if flat else ["ours", "optax"]
+        assert record["flat_by_shape"] == (record["optimizer"] in BY_SHAPE)
+        variants = ["ours", "flat", "optax"]
         for key in ("step_s", "compile_s", "samples_s", "fraction_of_ceiling"):
             assert sorted(record[key]) == sorted(variants), key
         assert all(len(record["samples_s"][v]) == 2 for v in variants)
         seconds = record["step_s"]
         assert record["ratio"] == pytest.approx(seconds["ours"] / seconds["optax"])
-        best = min(seconds["ours"], seconds.get("flat", seconds["ours"]))
+        best = min(seconds["ours"], seconds["flat"])
         assert record["best_ratio"] == pytest.approx(best / seconds["optax"])
         cells = dict(zip(table["headers"], row, strict=True))
-        if flat:
-            assert record["ratio_flat"] == pytest.approx(seconds["flat"] / seconds["optax"])
-            assert all(float(cells[column]) >= 0 for column in FLAT_COLUMNS)
-        else:
-            assert record["ratio_flat"] is None
-            assert all(cells[column] == "-" for column in FLAT_COLUMNS)
+        assert record["ratio_flat"] == pytest.approx(seconds["flat"] / seconds["optax"])
+        assert all(float(cells[column]) >= 0 for column in FLAT_COLUMNS)
         assert record["bytes_per_param"] == bench.BYTE_MODELS[record["optimizer"]][0]
         faults = record["page_faults_per_step"]
         assert sorted(faults) == sorted(variants)
         assert all(count is None or count >= 0 for count in faults.values())
         faults_cell = cells[FAULTS].split("/")
-        assert len(faults_cell) == 3 and (faults_cell[1] == "-") == (not flat)
+        assert len(faults_cell) == 3
     # One pack time per pytree, as many samples as timed steps.
     assert sorted(saved["pack"]) == ["split", "transformer"]
     for pack in saved["pack"].values():
@@ -100,11 +96,9 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert compile_table["headers"][-1] == LAST
     assert {"flat s", "pack s", "ratio flat/optax"} <= set(compile_table["headers"])
     for record, row in zip(saved["compile"], compile_table["rows"], strict=True):
-        flat = record["optimizer"] not in PER_TENSOR
-        assert ("flat" in record["compile_s"]) == flat
-        assert (record["pack_compile_s"] is not None) == flat
+        assert "flat" in record["compile_s"] and record["pack_compile_s"] is not None
         for column in ("flat s", "pack s"):
-            assert (row[compile_table["headers"].index(column)] == "-") == (not flat)
+            assert row[compile_table["headers"].index(column)] != "-"
     assert saved["meta"]["command"].startswith("python -m benchmarks.optimizers --size 20000")
     assert "settings: " in printed and "settings" in saved["meta"]
     assert saved["tables"] == result["tables"]
@@ -188,15 +182,16 @@ def test_pairs_compute_the_same_update(entry):
         np.testing.assert_allclose(ours - start, theirs - start, rtol=2e-4, atol=1e-7, err_msg=path)
 
 
-def test_flat_marking_matches_the_transformations():
-    """Adafactor, whose moments are factored per matrix, is the entry without a flat variant."""
-    assert {entry.name for entry in bench.ENTRIES if not entry.runs_flat} == PER_TENSOR
+def test_only_adafactor_takes_a_buffer_per_shape():
+    """Adafactor reduces over each stack of same-shaped tensors, which on CPU wants whole
+    buffers; the elementwise and norm-based rules keep one buffer per dtype."""
+    assert {entry.name for entry in bench.ENTRIES if entry.flat_by_shape} == BY_SHAPE
+    params = bench.random_tree(FLAT_SHAPES, seed=0, scale=0.5)
     for entry in bench.ENTRIES:
-        assert ("flat" in entry.variants) == entry.runs_flat
-        assert set(bench.LIBS) <= set(entry.variants)
-    adafactor = next(entry for entry in bench.ENTRIES if entry.name == "adafactor")
+        groups = len(entry.flat_layout(params).groups)
+        assert groups == (len(FLAT_SHAPES) if entry.flat_by_shape else 1), entry.name
     with pytest.raises(ValueError, match="no variant"):
-        adafactor.make("flat")
+        bench.ENTRIES[0].make("flax")
 
 
 # Leaves of several ranks and sizes, a scalar included, so that the layout has columns of
@@ -215,13 +210,10 @@ def _flat_setup(entry: bench.Entry) -> tuple[Any, Any, list[Any], Any]:
     params = bench.random_tree(FLAT_SHAPES, seed=0, scale=0.5)
     # scale 1: the gradients' global norm is about 30, so the chain's clipping to 1 acts
     grads = [bench.random_tree(FLAT_SHAPES, seed=s, scale=1.0) for s in (1, 2)]
-    return entry.make_ours(), params, grads, optim_jax.flat_layout(params)
+    return entry.make_ours(), params, grads, entry.flat_layout(params)
 
 
-FLAT_ENTRIES = [entry for entry in bench.ENTRIES if entry.runs_flat]
-
-
-@pytest.mark.parametrize("entry", FLAT_ENTRIES, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", bench.ENTRIES, ids=lambda e: e.name)
 def test_flat_benchmark_step_computes_the_per_leaf_update(entry):
     """The compiled flat step of the benchmark (the stored layout: what "flat ms" and "flat s"
     time) gives the compiled per-leaf step's params: bit for bit for elementwise rules; the
@@ -233,7 +225,7 @@ def test_flat_benchmark_step_computes_the_per_leaf_update(entry):
     per_leaf_step, _, _ = bench.compile_step(tx, params)
     # donated: fresh copies of the parameters and state
     expected = _two_steps(per_leaf_step, jax.tree.map(jnp.copy, params), tx.init(params), grads)
-    _, abstract_params = bench.abstract_flat(params)
+    _, abstract_params = bench.abstract_flat(params, by_shape=entry.flat_by_shape)
     stored_step, seconds, abstract_state = bench.compile_step(tx, abstract_params)
     assert seconds > 0
     assert jax.tree.map(lambda x: (x.shape, x.dtype), tx.init(layout.pack(params))) == (
@@ -253,14 +245,6 @@ def test_flat_benchmark_step_computes_the_per_leaf_update(entry):
             np.testing.assert_allclose(have, want, rtol=1e-6, atol=0, err_msg=path)
         else:
             np.testing.assert_array_equal(have, want, err_msg=path)
-
-
-@pytest.mark.parametrize("name", sorted(PER_TENSOR))
-def test_per_tensor_optimizers_refuse_the_flat_layout(name):
-    entry = next(entry for entry in bench.ENTRIES if entry.name == name)
-    tx, params, _, layout = _flat_setup(entry)
-    with pytest.raises(ValueError, match="FlatParams"):
-        tx.init(layout.pack(params))
 
 
 def test_pack_timing_returns_one_time_per_call():

@@ -325,6 +325,31 @@ def test_flat_layout_follows_the_per_leaf_run(runs):
         np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL, err_msg=f"param leaf {i}")
 
 
+def test_flat_adafactor_follows_the_per_leaf_run(tmp_path):
+    """Adafactor on the flat layout (a buffer per tensor shape) on a mesh that shards the
+    factored axes over fsdp and tensor: its row and column statistics sum over devices, and
+    the run gives the per-leaf run's losses and parameters within the mesh tolerances."""
+    overrides = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optimizer.name=adafactor")
+    runs = {}
+    for name, extra in (("per_leaf", ()), ("flat", ("optimizer.flat_layout=true",))):
+        workdir = tmp_path / name
+        runs[name] = Run(workdir, loop.fit(cfg_of(*overrides, *extra), workdir, progress=False))
+    per_leaf, flat = runs["per_leaf"], runs["flat"]
+    assert isinstance(flat.state.params, optim_jax.FlatParams)
+    assert len(flat.state.params.buffers) > 2  # one per kind of tensor
+    stacks = jax.tree.leaves(
+        flat.state.opt_state, is_leaf=lambda x: isinstance(x, optim_jax.flat.RunStacks)
+    )
+    assert any(isinstance(x, optim_jax.flat.RunStacks) for x in stacks)
+    steps = range(1, STEPS + 1)
+    np.testing.assert_allclose(
+        [flat.losses[s] for s in steps], [per_leaf.losses[s] for s in steps], rtol=0, atol=LOSS_ATOL
+    )
+    unpacked = host(optim_jax.flat.unflatten(flat.state.params))
+    for i, (a, b) in enumerate(zip(unpacked, per_leaf.params, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL, err_msg=f"param leaf {i}")
+
+
 def test_flat_layout_checkpoints_are_per_leaf_and_resume_bitwise(runs, tmp_path):
     """A flat-layout run saves the per-leaf state (a run without the layout restores it) and
     resumes from it bitwise equal to the uninterrupted flat run."""
@@ -458,10 +483,10 @@ BAD_INPUTS = {
         ConfigError,
         r"optimizer\.schedule: unknown schedule 'cosine_warmup'",
     ),
-    "flat_layout_adafactor": (
-        ["optimizer.name=adafactor", "optimizer.flat_layout=true"],
+    "flat_layout_groups": (
+        ["optimizer.groups={blocks: {lr_scale: 2}}", "optimizer.flat_layout=true"],
         ConfigError,
-        r"optimizer\.flat_layout=true does not work .*'adafactor'.*factor",
+        r"optimizer\.flat_layout=true does not work .*param_groups cannot run on the flat",
     ),
     "incompatible_checkpoint": (["model.d_model=32"], IncompatibleCheckpointError, None),
     "corrupt_checkpoint": ([], CheckpointError, None),
