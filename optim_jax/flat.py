@@ -226,11 +226,11 @@ class FlatLayout:
 
     def from_stacked(self, g: int, pieces: Sequence[Array]) -> Array:
         """Group ``g``'s buffer from one stacked array per run (the inverse of
-        :meth:`stacked` over all of :meth:`runs`), padding with zeros."""
+        :meth:`stacked` over all of :meth:`runs`), padding with zeros; in the pieces' dtype."""
         rows = []
         for run, piece in zip(self.runs(g), pieces, strict=True):
             slot = self.slots[run[0]]
-            run_rows = slot.to_rows(piece.astype(self.groups[g].dtype))
+            run_rows = slot.to_rows(piece)
             gap = slot.padded_columns - slot.columns
             if gap:
                 run_rows = jnp.pad(run_rows, ((0, 0), (0, 0), (0, gap)))
@@ -400,9 +400,10 @@ def map_runs(
     every :class:`RunStacks`, and, from any other ``rest`` argument (a per-leaf
     pytree of Python values, such as a mask, or None), the tuple of its ``k`` leaves'
     values. It returns ``n_outputs`` stacked values (or None); outputs listed in
-    ``flat_outputs`` are assembled into :class:`FlatParams`, the others kept as
-    :class:`RunStacks`. The compiled program grows with the number of runs (kinds
-    of tensor), not of leaves.
+    ``flat_outputs`` are assembled into :class:`FlatParams` (in the pieces' dtype),
+    the others kept as :class:`RunStacks`; a flat output that is None for every run
+    is None. The compiled program grows with the number of runs (kinds of tensor), not
+    of leaves.
     """
     layout = tree.layout
     per_leaf = [
@@ -426,7 +427,9 @@ def map_runs(
                 column[g].append(value)
     results = []
     for o, column in enumerate(outputs):
-        if o in flat_outputs:
+        if o in flat_outputs and all(piece is None for pieces in column for piece in pieces):
+            results.append(None)
+        elif o in flat_outputs:
             buffers = {
                 group.name: layout.from_stacked(g, column[g])
                 for g, group in enumerate(layout.groups)

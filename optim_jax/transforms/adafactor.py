@@ -435,22 +435,36 @@ def scale_by_adafactor(
             )
             if clip_threshold is not None:
                 u = u / jnp.maximum(1.0, jnp.sqrt(mean_square) / clip_threshold)
-            alpha = rho * jnp.maximum(eps2, _rms(p32, lead)) if scale_parameter else rho
+            if scale_parameter:
+                # A stack is a view of its buffer: on CPU its RMS reads a value of its own, or
+                # XLA:CPU copies the buffer out for the reduction (a temporary per step).
+                (p_rms,) = _apart(p32) if lead else (p32,)
+                alpha = rho * jnp.maximum(eps2, _rms(p_rms, lead))
+            else:
+                alpha = rho
             step = alpha * u
             new_m = None
             if use_momentum:
                 step = beta1 * quantization.read(m, cdt) + (1 - beta1) * step
                 new_m = quantization.write(step, m)
             decayed = decay_leaf if lead else (decay_leaf,)
+            rate = None
             if use_decay and any(decayed):
-                decay = wd * alpha * p32
-                step = step + (decay if all(decayed) else decay * _per_tensor(decayed, decay))
-            return step.astype(g.dtype), new_row, new_col, new_v, new_m
+                rate = wd * alpha if all(decayed) else wd * alpha * _per_tensor(decayed, p32)
+            if lead and use_decay:
+                # On the flat layout the decay is added to the buffers in their own shape
+                # (below): read through a stack's view, the parameters would be written to a
+                # new buffer instead of in place.
+                rate = jnp.broadcast_to(0.0 if rate is None else rate, step.shape).astype(cdt)
+                return step, rate, new_row, new_col, new_v, new_m
+            if rate is not None:
+                step = step + rate * p32
+            return step.astype(g.dtype), None, new_row, new_col, new_v, new_m
 
         none_tree = jax.tree.map(lambda _: None, view)
-        out, v_row, v_col, v, mu = _map_leaves(
+        out, decay_scale, v_row, v_col, v, mu = _map_leaves(
             one,
-            5,
+            6,
             updates,
             params,
             state.v_row,
@@ -458,8 +472,16 @@ def scale_by_adafactor(
             state.v,
             state.mu if use_momentum else none_tree,
             decay_mask,
-            flat_outputs=(0,),
+            flat_outputs=(0, 1),
         )
+        if flat.is_flat(updates) and use_decay:
+            out = jax.tree.map(
+                lambda s, r, p, g: (s + r * p.astype(s.dtype)).astype(g.dtype),
+                out,
+                decay_scale,
+                params,
+                updates,
+            )
         new_state = AdafactorState(
             count=count, v_row=v_row, v_col=v_col, v=v, mu=mu if use_momentum else None
         )

@@ -4,7 +4,9 @@ that sharded buffers need no communication, and that per-tensor rules refuse it.
 
 from __future__ import annotations
 
+import functools
 import re
+import resource
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +29,9 @@ def _mesh(axis_type: AxisType = AxisType.Auto) -> jax.sharding.Mesh:
     return jax.make_mesh((2, 4), ("a", "b"), axis_types=(axis_type,) * 2)
 
 
-def _sharded_tree(mesh: jax.sharding.Mesh, seed: int = 0) -> dict:
-    """Leaves sharded every way the layout distinguishes, with two dtypes and a scalar."""
+def _placed(specs: dict, mesh: jax.sharding.Mesh, seed: int) -> dict:
+    """Random normal arrays for ``{path: (shape, PartitionSpec[, dtype])}``, placed on ``mesh``."""
     key = jax.random.key(seed)
-    specs = {
-        "attn": {"kernel": ((8, 12), P("a", "b")), "bias": ((12,), P("b"))},
-        "conv": ((4, 6, 8), P("a", None, "b")),
-        "mlp": {"kernel": ((12, 16), P(None, ("a", "b"))), "bias": ((16,), P(("a", "b")))},
-        "norm": ((5,), P()),
-        "scale": ((), P()),
-        "head": ((3, 8), P(None, "b"), jnp.bfloat16),
-    }
 
     def make(i, spec):
         shape, pspec, *dtype = spec
@@ -46,6 +40,19 @@ def _sharded_tree(mesh: jax.sharding.Mesh, seed: int = 0) -> dict:
 
     leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, tuple))
     return treedef.unflatten([make(i, s) for i, s in enumerate(leaves)])
+
+
+def _sharded_tree(mesh: jax.sharding.Mesh, seed: int = 0) -> dict:
+    """Leaves sharded every way the layout distinguishes, with two dtypes and a scalar."""
+    specs = {
+        "attn": {"kernel": ((8, 12), P("a", "b")), "bias": ((12,), P("b"))},
+        "conv": ((4, 6, 8), P("a", None, "b")),
+        "mlp": {"kernel": ((12, 16), P(None, ("a", "b"))), "bias": ((16,), P(("a", "b")))},
+        "norm": ((5,), P()),
+        "scale": ((), P()),
+        "head": ((3, 8), P(None, "b"), jnp.bfloat16),
+    }
+    return _placed(specs, mesh, seed)
 
 
 def _packed_sharded_tree() -> tuple[dict, flat_module.FlatLayout, FlatParams]:
@@ -442,7 +449,6 @@ def _layered_tree(mesh: jax.sharding.Mesh, seed: int) -> dict:
     """Three "layers" of same-shaped leaves (runs of 3 and of 6 on the layout), a rank-3
     leaf factored over its last two axes with one of them sharded, leaves of one shape but
     two shardings, a scalar and a bfloat16 matrix."""
-    key = jax.random.key(seed)
     specs = {
         f"layer{i}": {"kernel": ((8, 12), P("a", "b")), "bias": ((12,), P("b"))} for i in range(3)
     }
@@ -454,14 +460,7 @@ def _layered_tree(mesh: jax.sharding.Mesh, seed: int) -> dict:
         "scale": ((), P()),
         "head": ((3, 8), P(None, "b"), jnp.bfloat16),
     }
-
-    def make(i, spec):
-        shape, pspec, *dtype = spec
-        x = jax.random.normal(jax.random.fold_in(key, i), shape, *dtype)
-        return jax.device_put(x, NamedSharding(mesh, pspec))
-
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, tuple))
-    return treedef.unflatten([make(i, s) for i, s in enumerate(leaves)])
+    return _placed(specs, mesh, seed)
 
 
 def _decay_biases_not_norms(params):
@@ -558,6 +557,35 @@ def test_adafactor_by_shape_moves_the_per_leaf_bytes():
     assert harness.step_bytes(tx, jax.eval_shape(by_shape.pack, params)) <= 1.05 * per_leaf
     shared = flat_layout(params)
     assert harness.step_bytes(tx, jax.eval_shape(shared.pack, params)) > 1.5 * per_leaf
+
+
+def test_the_flat_adafactor_step_updates_the_buffers_in_place():
+    """No parameter-sized temporary per step: counted as page faults (a fresh 16 MiB
+    buffer maps 4096 pages). Two ways the flat step made one, both invisible in XLA's byte
+    count: an RMS reduction reading a stack as a reshaped view of its buffer (XLA:CPU copied
+    the buffer out for it: 32,770 faults a step on two 64 MiB stacks), and the weight decay
+    read through that view in the kernel that writes the parameters (no longer in place).
+    Measured with both fixed: 0 faults a step after the first calls."""
+    shapes = {
+        f"layer{i}/{w}": s for i in range(4) for w, s in (("in", (512, 2048)), ("out", (2048, 512)))
+    }
+    params = {k: jnp.full(v, 0.02, jnp.float32) for k, v in shapes.items()}
+    layout = flat_layout(params, by_shape=True)
+    tx = optim_jax.adafactor(1e-2, b1=0.9, weight_decay=0.1)
+    flat, grads = layout.pack(params), layout.pack(jax.tree.map(lambda p: p * 0.5, params))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(flat)
+    faults = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        flat, state = jax.block_until_ready(step(flat, state, grads))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert max(faults[3:]) < 1000, faults
 
 
 def test_adafactor_flat_state_checkpoint_round_trip(tmp_path):
