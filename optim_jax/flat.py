@@ -70,6 +70,7 @@ does not depend on the layout a program keeps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -203,17 +204,11 @@ class FlatLayout:
         a rule that needs tensor shapes compiles once per kind of tensor rather than
         once per tensor.
         """
-        runs: list[list[int]] = []
-        for i in self.members(g):
-            slot = self.slots[i]
-            if runs and (self.slots[runs[-1][0]].shape, self.slots[runs[-1][0]].grid) == (
-                slot.shape,
-                slot.grid,
-            ):
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        return tuple(tuple(run) for run in runs)
+
+        def kind(i: int) -> tuple:
+            return self.slots[i].shape, self.slots[i].grid
+
+        return tuple(tuple(run) for _, run in itertools.groupby(self.members(g), key=kind))
 
     def stacked(self, run: Sequence[int], buffer: Array) -> Array:
         """The leaves of ``run`` (from :meth:`runs`) in a group buffer, as one array
