@@ -69,6 +69,7 @@ does not depend on the layout a program keeps.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -85,7 +86,9 @@ from optim_jax.base import Array, Params
 
 # Every leaf starts at a multiple of CHUNK columns (zeros fill the gaps), so that sums over
 # one tensor are sums over whole chunks: a reshape, a sum and a segment sum over
-# ``columns / CHUNK`` values, whatever the number of leaves.
+# ``columns / CHUNK`` values, whatever the number of leaves. A group of one leaf needs no
+# chunks (its tensor is the buffer) and holds the leaf unpadded: a view of it is then the
+# whole buffer, never a slice, which XLA:CPU's reductions would read as a copy.
 CHUNK = 128
 
 
@@ -99,7 +102,8 @@ class LeafSlot:
 
     ``grid[i]`` is the number of shards of dimension ``i``; the leaf occupies
     columns ``[offset, offset + columns)`` of every row of the group buffer, and
-    ``offset`` is a multiple of :data:`CHUNK`.
+    ``offset`` is a multiple of :data:`CHUNK`; ``width`` is ``columns`` padded to a
+    whole number of chunks (unpadded when the leaf is its group's only one).
     """
 
     path: str
@@ -107,6 +111,7 @@ class LeafSlot:
     grid: tuple[int, ...]
     offset: int
     columns: int
+    width: int
     sharding: NamedSharding | None
 
     @property
@@ -127,10 +132,6 @@ class LeafSlot:
         )
         rows = x.reshape(*lead, *interleaved).transpose(shard_first)
         return rows.reshape(math.prod(self.grid), *lead, self.columns)
-
-    @property
-    def padded_columns(self) -> int:
-        return -(-self.columns // CHUNK) * CHUNK
 
     def from_rows(self, rows: Array) -> Array:
         """The inverse of :meth:`to_rows` (leading axes included)."""
@@ -214,9 +215,8 @@ class FlatLayout:
         """The leaves of ``run`` (from :meth:`runs`) in a group buffer, as one array
         ``(len(run), *shape)``, sharded as each leaf is on its own axes."""
         slot = self.slots[run[0]]
-        width = slot.padded_columns
-        block = buffer[:, slot.offset : slot.offset + len(run) * width]
-        rows = block.reshape(buffer.shape[0], len(run), width)[:, :, : slot.columns]
+        block = buffer[:, slot.offset : slot.offset + len(run) * slot.width]
+        rows = block.reshape(buffer.shape[0], len(run), slot.width)[:, :, : slot.columns]
         return slot.from_rows(rows)
 
     def from_stacked(self, g: int, pieces: Sequence[Array]) -> Array:
@@ -226,7 +226,7 @@ class FlatLayout:
         for run, piece in zip(self.runs(g), pieces, strict=True):
             slot = self.slots[run[0]]
             run_rows = slot.to_rows(piece)
-            gap = slot.padded_columns - slot.columns
+            gap = slot.width - slot.columns
             if gap:
                 run_rows = jnp.pad(run_rows, ((0, 0), (0, 0), (0, gap)))
             rows.append(run_rows.reshape(run_rows.shape[0], -1))
@@ -241,7 +241,7 @@ class FlatLayout:
             for i in self.members(g):
                 slot = self.slots[i]
                 leaf_rows = slot.to_rows(jnp.asarray(leaves[i], group.dtype))
-                rows.append(jnp.pad(leaf_rows, ((0, 0), (0, slot.padded_columns - slot.columns))))
+                rows.append(jnp.pad(leaf_rows, ((0, 0), (0, slot.width - slot.columns))))
             buffer = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
             buffers[group.name] = _constrain(buffer, group.sharding)
         return FlatParams(buffers, self)
@@ -296,8 +296,11 @@ class FlatLayout:
         :func:`leaf_norm` does.
         """
         g = self._group_index(name)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if len(self.members(g)) == 1:
+            return jnp.broadcast_to(leaf_norm(x), (1, x.shape[1]))
         tensor_of_chunk = self._tensor_of_chunk(g)
-        x = self.chunked(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+        x = self.chunked(x)
         chunk_sums = _chunk_sums_of_squares(x)  # (shards, chunks)
         # Summed over each shard's chunks first, so that only one value per tensor and
         # shard crosses devices.
@@ -318,6 +321,8 @@ class FlatLayout:
                 f"per_tensor: group {name!r} has {len(self.members(g))} tensors, "
                 f"got {len(values)} values"
             )
+        if len(values) == 1:
+            return jnp.broadcast_to(jnp.asarray(values[0]), (1, self.groups[g].columns))
         return self._spread(g, jnp.asarray(values)[self._tensor_of_chunk(g)])
 
     def abstract_leaves(self) -> Params:
@@ -735,12 +740,15 @@ def flat_layout(params: Params, *, by_shape: bool = False) -> FlatLayout:
     for _, shape, grid, _, g in leaves:
         kinds.setdefault((g, shape, grid), len(kinds))
     order = sorted(range(len(leaves)), key=lambda i: kinds[leaves[i][4], *leaves[i][1:3]])
+    sizes = collections.Counter(leaf[4] for leaf in leaves)
     slots: list[LeafSlot | None] = [None] * len(leaves)
     for i in order:
         name, shape, grid, leaf_sharding, g = leaves[i]
         columns = math.prod(shape) // math.prod(grid)
-        slots[i] = LeafSlot(name, shape, grid, group_specs[g]["columns"], columns, leaf_sharding)
-        group_specs[g]["columns"] += slots[i].padded_columns
+        width = columns if sizes[g] == 1 else -(-columns // CHUNK) * CHUNK
+        offset = group_specs[g]["columns"]
+        slots[i] = LeafSlot(name, shape, grid, offset, columns, width, leaf_sharding)
+        group_specs[g]["columns"] += width
     groups = tuple(
         Group(spec["name"], dtype, mesh, axes, spec["shards"], spec["columns"])
         for (dtype, mesh, axes, *_), spec in zip(keys, group_specs, strict=True)

@@ -76,12 +76,14 @@ def test_unsharded_leaves_form_one_buffer_per_dtype():
     }
     layout = flat_layout(params)
     flat = layout.pack(params)
-    # Each leaf starts at a multiple of CHUNK = 128 columns.
+    # Each leaf starts at a multiple of CHUNK = 128 columns; the lone bfloat16 leaf, its
+    # group's only tensor, needs no chunks and is held unpadded.
     assert {name: x.shape for name, x in flat.buffers.items()} == {
         "float32": (1, 3 * 128),
-        "bfloat16": (1, 128),
+        "bfloat16": (1, 4),
     }
-    # Leaves sit in tree order (sorted dict keys: b, s, w), each raveled row-major, then zeros.
+    # Leaves sit in tree order (sorted dict keys: b, s, w; each of its own shape), each
+    # raveled row-major, then zeros.
     expected = np.zeros(3 * 128)
     expected[:3], expected[128], expected[256 : 256 + 12] = np.arange(3.0), 7.0, np.arange(12.0)
     np.testing.assert_array_equal(flat.buffers["float32"][0], expected)
@@ -89,7 +91,7 @@ def test_unsharded_leaves_form_one_buffer_per_dtype():
     # Groups in order of first appearance: b (float32) comes before h (bfloat16).
     assert layout.describe().splitlines() == [
         "float32: (1, 384) from 3 leaves",
-        "bfloat16: (1, 128) from 1 leaves",
+        "bfloat16: (1, 4) from 1 leaves",
     ]
 
 
@@ -101,11 +103,12 @@ def test_sharded_groups_and_round_trip():
     shapes = {name: (x.shape, x.sharding.spec) for name, x in flat.buffers.items()}
     assert shapes == {
         # attn/kernel (a, b), conv (a, ., b), mlp/bias ((a, b)), mlp/kernel (., (a, b)): 8 rows,
-        # each leaf's 12, 24, 2 and 24 values per row padded to one chunk of 128 columns.
+        # each leaf's 12, 24, 2 and 24 values per row padded to one chunk of 128 columns;
+        # attn/bias and head, alone in their groups, unpadded (3 and 6 values per row).
         "float32_a_b": ((8, 4 * 128), P(("a", "b"))),
-        "float32_b": ((4, 128), P("b")),
+        "float32_b": ((4, 3), P("b")),
         "float32": ((1, 2 * 128), P()),
-        "bfloat16_b": ((4, 128), P("b")),
+        "bfloat16_b": ((4, 6), P("b")),
     }
     back = layout.unpack(flat)
     _assert_trees_equal(back, params)
