@@ -466,6 +466,33 @@ def _layered_tree(mesh: jax.sharding.Mesh, seed: int) -> dict:
     return _placed(specs, mesh, seed)
 
 
+@pytest.mark.parametrize("by_shape", [False, True], ids=["by_dtype", "by_shape"])
+@pytest.mark.parametrize("make", [_sharded_tree, _layered_tree])
+def test_runs_stack_each_kind_of_leaf_and_assemble_the_buffers_again(make, by_shape):
+    """Every leaf is in exactly one run of its group, a run's stack holds its leaves in order
+    (each as ``unpack`` gives it, with its sharding), and the buffers assembled from the
+    stacks are the packed ones, zeros between leaves included."""
+    params = make(_mesh(), 0)
+    layout = flat_layout(params, by_shape=by_shape)
+    flat = layout.pack(params)
+    leaves = jax.tree.leaves(params)
+    for g, group in enumerate(layout.groups):
+        runs = layout.runs(g)
+        assert [i for run in runs for i in run] == layout.members(g)
+        stacks = []
+        for run in runs:
+            assert len({(layout.slots[i].shape, layout.slots[i].grid) for i in run}) == 1
+            stack = layout.stacked(run, flat.buffers[group.name])
+            for j, i in enumerate(run):
+                np.testing.assert_array_equal(np.asarray(stack[j]), np.asarray(leaves[i]))
+            want = NamedSharding(_mesh(), P(None, *leaves[run[0]].sharding.spec))
+            assert stack.sharding.is_equivalent_to(want, stack.ndim)
+            stacks.append(stack)
+        rebuilt = layout.from_stacked(g, stacks)
+        assert rebuilt.dtype == group.dtype
+        np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(flat.buffers[group.name]))
+
+
 def _decay_biases_not_norms(params):
     """A mask that splits a run (the biases and norms share shape and sharding)."""
     return {
