@@ -20,7 +20,7 @@ from optim_jax.transforms.momentum import trace
 from optim_jax.transforms.scale import scale_by_learning_rate
 from optim_jax.transforms.sophia import scale_by_sophia
 from optim_jax.transforms.trust_ratio import scale_by_lamb, scale_by_lars
-from optim_jax.transforms.weight_decay import MaskOrFn, decoupled_weight_decay, is_zero
+from optim_jax.transforms.weight_decay import MaskOrFn, decoupled_weight_decay
 
 
 def sgd(
@@ -46,11 +46,11 @@ def sgd(
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     validation.check_beta("momentum", momentum)
-    if nesterov and is_zero(momentum):
+    if nesterov and base.is_zero(momentum):
         raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     return base.chain_present(
         decoupled_weight_decay(weight_decay, None),
-        None if is_zero(momentum) else trace(momentum, nesterov, moment_dtype),
+        None if base.is_zero(momentum) else trace(momentum, nesterov, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -244,7 +244,7 @@ def lars(
     return base.chain_present(
         scale_by_lars(trust_coefficient, weight_decay, eps, mask),
         scale_by_learning_rate(learning_rate),
-        None if is_zero(momentum) else trace(momentum, moment_dtype=moment_dtype),
+        None if base.is_zero(momentum) else trace(momentum, moment_dtype=moment_dtype),
     )
 
 

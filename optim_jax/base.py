@@ -166,6 +166,11 @@ def all_finite(tree: Any) -> jax.Array:
     return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
 
 
+def is_zero(value: ScalarOrSchedule) -> bool:
+    """True for the number 0; a schedule is never statically zero."""
+    return not callable(value) and float(value) == 0.0
+
+
 def chain_present(*transforms: optax.GradientTransformation | None) -> optax.GradientTransformation:
     """``optax.chain`` of the transforms that are not None."""
     return optax.chain(*(t for t in transforms if t is not None))

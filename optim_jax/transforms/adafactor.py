@@ -61,7 +61,7 @@ the parameter's sharding of the remaining axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -87,7 +87,11 @@ def is_factored(shape: tuple[int, ...], factored: bool = True, min_dim_size_to_f
 
 
 def _map_leaves(
-    fn: Callable[..., tuple], n_outputs: int, tree: Any, *rest: Any, flat_outputs=()
+    fn: Callable[..., tuple],
+    n_outputs: int,
+    tree: Any,
+    *rest: Any,
+    flat_outputs: Sequence[int] = (),
 ) -> tuple:
     """``fn(lead, *leaves)`` for each leaf, allowing an output to be None for some leaves.
 
@@ -290,7 +294,7 @@ class AdafactorState(NamedTuple):
 
 def _uses(value: base.ScalarOrSchedule | None) -> bool:
     """Whether an optional coefficient can be non-zero (a schedule always can)."""
-    return value is not None and (callable(value) or float(value) != 0.0)
+    return value is not None and not base.is_zero(value)
 
 
 def scale_by_adafactor(

@@ -99,7 +99,7 @@ def scale_by_rmsprop(
     validation.check_beta("decay", decay)
     validation.check_non_negative("eps", eps)
     validation.check_beta("momentum", momentum)
-    use_momentum = callable(momentum) or float(momentum) != 0.0
+    use_momentum = not base.is_zero(momentum)
 
     def init_fn(params):
         def zeros(signed: bool):

@@ -81,17 +81,12 @@ def add_decayed_weights(
     return optax.GradientTransformationExtraArgs(per_tensor.init, masked_update_fn)
 
 
-def is_zero(value: base.ScalarOrSchedule) -> bool:
-    """True for the number 0; a schedule is never statically zero."""
-    return not callable(value) and float(value) == 0.0
-
-
 def decoupled_weight_decay(
     weight_decay: base.ScalarOrSchedule, mask: MaskOrFn
 ) -> optax.GradientTransformation | None:
     """``add_decayed_weights`` when ``weight_decay`` can be non-zero, else None."""
     validation.check_non_negative("weight_decay", weight_decay)
-    return None if is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
+    return None if base.is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
 
 
 def _need_params(params: Any) -> None:
