@@ -383,6 +383,8 @@ def test_the_host_runs_at_most_one_step_ahead(monkeypatch, tmp_path):
     dispatched steps is bounded (unbounded, XLA:CPU's all-reduce deadlocked; train/loop.py)."""
     events = []  # ("dispatch", step) and ("wait", step), in the order they happen
     step_of = {}  # id of a step's metrics -> its step
+    # The metrics stay referenced here: a freed object's id may be given to a later one.
+    kept = []
     real_build, real_wait = loop.build, jax.block_until_ready
 
     def build(cfg):
@@ -390,9 +392,11 @@ def test_the_host_runs_at_most_one_step_ahead(monkeypatch, tmp_path):
         real_step = setup.train_step
 
         def train_step(state, batch):
-            events.append(("dispatch", len(step_of) + 1))
+            step = len(kept) + 1
+            events.append(("dispatch", step))
             new_state, step_metrics = real_step(state, batch)
-            step_of[id(step_metrics)] = len(step_of) + 1
+            kept.append(step_metrics)
+            step_of[id(step_metrics)] = step
             return new_state, step_metrics
 
         setup.train_step = train_step
