@@ -22,6 +22,7 @@ from optim_jax.clipping import (
     pre_clip_global_norm,
 )
 from optim_jax.flat import FlatLayout, FlatParams, flat_layout
+from optim_jax.in_place import stored_after
 from optim_jax.schedules import (
     constant,
     cosine_decay,
@@ -129,6 +130,7 @@ __all__ = [
     "sophia",
     "sophia_hessian_due",
     "step_decay",
+    "stored_after",
     "transforms",
     "warmup_cosine_decay",
     "warmup_linear_decay",
