@@ -170,6 +170,8 @@ def make_train_step(
         def update():
             updates, new_opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
             new_params = optax.apply_updates(state.params, updates)
+            # Lower-precision moments stored after the params: on CPU, no copy of them a step.
+            new_opt_state = optim_jax.stored_after(new_opt_state, new_params)
             return new_params, new_opt_state, _grad_norm(grads, new_opt_state), updates
 
         if uses_sam:

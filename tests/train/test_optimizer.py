@@ -112,3 +112,25 @@ def test_int8_moments_in_the_trainer_are_sharded_and_checkpoint_bitwise(tmp_path
         checkpointer.wait()
         restored, _ = checkpointer.restore(1, abstract_state(state))
     assert_bitwise(restored, state, "restored state")
+
+
+def test_bfloat16_moments_are_stored_after_the_params_in_the_trainer_step():
+    """The trainer's step calls ``optim_jax.stored_after``: on an fsdp mesh its compiled
+    program copies no bfloat16 array shaped like a parameter's shard (without the call,
+    XLA:CPU copies each moment before the step; tests/optim_jax/test_in_place.py)."""
+    import re
+
+    from tests.train.test_loss_spikes import cfg_of
+    from train import loop
+
+    cfg = cfg_of("optimizer.options.moment_dtype=bfloat16", "model.hidden=128", "mesh.fsdp=2")
+    setup = loop.build(cfg)
+    batch = loop.train_batch(setup, 0)
+    text = setup.train_step.lower(setup.state, batch).compile().as_text()
+    shards = {
+        ",".join(map(str, p.sharding.shard_shape(p.shape)))
+        for p in jax.tree.leaves(setup.state.params)
+        if p.ndim
+    }
+    copied = set(re.findall(r"bf16\[([0-9,]*)\]\{[0-9,]*\} copy\(", text))
+    assert shards and not copied & shards, copied & shards
