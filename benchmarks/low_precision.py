@@ -21,6 +21,15 @@ mesh. For each run it reports:
   trained, evaluated, checkpointed), for orientation only: other processes on a
   shared machine change it.
 
+A second table times the optimizer step alone (``--parts step``), where the state's
+format costs or saves memory traffic: AdamW's jitted step (params and state donated) on
+``benchmarks.optimizers``' 51-leaf transformer-like pytree of ``--step-size`` float32
+parameters, once per moment dtype, each plain (``tx.update`` then ``optax.apply_updates``)
+and with ``optim_jax.stored_after`` on the new state, the calls interleaved (median of
+``--repeats``). Columns: XLA's count of the bytes the step moves, page faults per step (a
+parameter-sized temporary maps its pages afresh at every call on CPU), milliseconds, and
+the ratio to the plain float32 step.
+
 Results go to stdout and, as JSON and Markdown, to ``--out`` (default
 ``benchmarks/results/``) as ``low_precision_<device kind>_<date>_<time>.{json,md}``.
 Each run's workdir (checkpoints, metrics log) is a temporary directory, deleted
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +50,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import optax
 
-from benchmarks import report
+import optim_jax
+from benchmarks import optimizers, report
 from optim_jax import base, quantization
 from optim_jax.transforms import AdamState
 from train import cli
@@ -59,6 +71,19 @@ COLUMNS: list[tuple[str, Any]] = [
     (f"B/param (leaves >= {BIG_LEAF})", lambda r: f"{r['big_leaf_moment_bytes_per_param']:.3f}"),
     ("wall s", lambda r: f"{r['wall_s']:.1f}"),
     ("vs float32", lambda r: f"{100 * r['relative_difference']:+.2f}%"),
+]
+PARTS = ("train", "step")
+STEP_COLUMNS: list[tuple[str, Any]] = [
+    ("moment dtype", lambda r: r["moment_dtype"]),
+    ("stored_after", lambda r: "yes" if r["stored_after"] else "no"),
+    ("state B/param", lambda r: f"{r['state_bytes_per_param']:.2f}"),
+    ("XLA B/param", lambda r: f"{r['xla_bytes_per_param']:.0f}"),
+    (
+        "page faults/step",
+        lambda r: "-" if r["page_faults_per_step"] is None else f"{r['page_faults_per_step']:.0f}",
+    ),
+    ("ms", lambda r: f"{1e3 * r['step_s']:.1f}"),
+    ("vs float32", lambda r: f"{r['vs_float32']:.2f}"),
 ]
 
 
@@ -128,44 +153,96 @@ def train_once(
     }
 
 
+def adamw(moment_dtype: str) -> optax.GradientTransformation:
+    """The step table's optimizer: AdamW as the optimizer benchmark times it."""
+    return optim_jax.adamw(
+        1e-3, weight_decay=0.01, moment_dtype=None if moment_dtype == "float32" else moment_dtype
+    )
+
+
+def time_steps(dtypes: Sequence[str], size: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """AdamW's step per moment dtype, plain and with ``stored_after``, timed interleaved."""
+    shapes = optimizers.tree_shapes(size, optimizers.TRANSFORMER_LEAVES)
+    n = optimizers.num_params(shapes)
+    grads = optimizers.random_tree(shapes, seed=1, scale=1e-3)
+    loops, records = {}, {}
+    for moment_dtype in dtypes:
+        tx = adamw(moment_dtype)
+        for stored_after in (False, True):
+            params = optimizers.random_tree(shapes, seed=0, scale=0.02)
+            compiled, _, state = optimizers.compile_step(tx, params, stored_after)
+            loops[moment_dtype, stored_after] = optimizers.Loop(
+                compiled, (params, tx.init(params)), grads
+            )
+            records[moment_dtype, stored_after] = {
+                "moment_dtype": moment_dtype,
+                "stored_after": stored_after,
+                "params": n,
+                "state_bytes_per_param": optimizers.tree_bytes(state) / n,
+                "xla_bytes_per_param": optimizers.xla_bytes_accessed(compiled) / n,
+            }
+            del params
+    samples = optimizers.time_interleaved(loops, warmup, repeats)
+    reference = statistics.median(samples["float32", False])
+    for key, record in records.items():
+        record["step_s"] = statistics.median(samples[key])
+        record["samples_s"] = samples[key]
+        record["page_faults_per_step"] = report.faults_per_step(loops[key].faults[-repeats:])
+        record["vs_float32"] = record["step_s"] / reference
+    return list(records.values())
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     meta = result["meta"]
-    lines = [
-        *report.machine_lines(meta),
-        f"recipe: {meta['recipe']}, {meta['optimizer']}, {meta['steps']} steps, "
-        f"{meta['params']:,} parameters ({meta['big_leaf_params']:,} in leaves of "
-        f">= {BIG_LEAF} values)",
-    ]
+    lines = report.machine_lines(meta)
+    if "recipe" in meta:
+        lines.append(
+            f"recipe: {meta['recipe']}, {meta['optimizer']}, {meta['steps']} steps, "
+            f"{meta['params']:,} parameters ({meta['big_leaf_params']:,} in leaves of "
+            f">= {BIG_LEAF} values)"
+        )
     verdict = result.get("int8_within_target")
     if verdict is not None:
         lines.append(
             f"int8 within {100 * TARGET:.0f}% of float32's final eval loss: "
             f"{'yes' if verdict else 'NO'}"
         )
+    if "step_params" in meta:
+        lines.append(
+            f"optimizer step: AdamW on {meta['step_params']:,} float32 parameters in "
+            f"{optimizers.TRANSFORMER_LEAVES} leaves, {meta['warmup']} warm-up calls, median of "
+            f"{meta['repeats']} timed calls"
+        )
     return lines
 
 
 def format_report(result: dict[str, Any], markdown: bool) -> str:
-    table = report.render(result["table"], markdown)
-    title = "Optimizer state in float32, bfloat16 and int8 (AdamW, same recipe)"
-    if markdown:
-        return "\n".join(
-            [f"# {title}", ""] + [f"- {line}" for line in summary_lines(result)] + ["", table, ""]
+    title = "Optimizer state in float32, bfloat16 and int8 (AdamW)"
+    tables = [
+        (caption, report.render(result["tables"][name], markdown))
+        for name, caption in (
+            ("train", "Training runs of one recipe (last column: final eval loss vs float32)"),
+            ("step", "Optimizer step (last column: step time / the plain float32 step's)"),
         )
-    return "\n".join([title, *summary_lines(result), "", table, ""])
+        if name in result["tables"]
+    ]
+    if markdown:
+        body = [f"# {title}", ""] + [f"- {line}" for line in summary_lines(result)]
+        for caption, table in tables:
+            body += ["", f"## {caption}", "", table]
+        return "\n".join([*body, ""])
+    body = [title, *summary_lines(result)]
+    for caption, table in tables:
+        body += ["", caption, table]
+    return "\n".join([*body, ""])
 
 
-def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Every training run, float32 first (the reference), and the result."""
+def train_runs(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """Every training run, float32 first (the reference): records and verdict."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"run.steps={args.steps}")
-    meta = report.environment() | {
-        "command": command,
-        "load_start": report.load_average(),
-        "recipe": str(args.config) if args.config else "default",
-        "overrides": overrides,
-    }
+    meta |= {"recipe": str(args.config) if args.config else "default", "overrides": overrides}
     records = []
     for moment_dtype in args.dtypes:
         print(f"training with {moment_dtype} optimizer state", file=sys.stderr, flush=True)
@@ -175,7 +252,6 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         record["relative_difference"] = (record["final_eval_loss"] - reference) / reference
     first = records[0]
     meta |= {
-        "load_end": report.load_average(),
         "optimizer": first["optimizer"],
         "steps": first["steps"],
         "params": first["params"],
@@ -183,12 +259,30 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     }
     int8 = [r for r in records if r["moment_dtype"] == "int8"]
     return {
-        "meta": meta,
         "target_relative_difference": TARGET,
         "int8_within_target": abs(int8[0]["relative_difference"]) <= TARGET if int8 else None,
         "runs": records,
-        "table": report.build_table(COLUMNS, records),
     }
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The parts asked for (training runs, step timings) and the result."""
+    meta = report.environment() | {"command": command, "load_start": report.load_average()}
+    result: dict[str, Any] = {"meta": meta, "tables": {}}
+    if "train" in args.parts:
+        result |= train_runs(args, meta)
+        result["tables"]["train"] = report.build_table(COLUMNS, result["runs"])
+    if "step" in args.parts:
+        print("timing the optimizer step", file=sys.stderr, flush=True)
+        result["step_runs"] = time_steps(args.dtypes, args.step_size, args.warmup, args.repeats)
+        result["tables"]["step"] = report.build_table(STEP_COLUMNS, result["step_runs"])
+        meta |= {
+            "step_params": result["step_runs"][0]["params"],
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+        }
+    meta["load_end"] = report.load_average()
+    return result
 
 
 # ----------------------------------------------------------------------------- driver
@@ -221,6 +315,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_dtypes,
         default=list(DTYPES),
         help=f"comma-separated moment dtypes from {','.join(DTYPES)} (float32 always runs)",
+    )
+    parser.add_argument(
+        "--parts",
+        type=report.names_from(PARTS, "part"),
+        default=list(PARTS),
+        help="comma-separated: train (the training runs), step (the optimizer step timings)",
+    )
+    parser.add_argument(
+        "--step-size",
+        type=report.positive_int,
+        default=optimizers.DEFAULT_SIZE,
+        help="parameters of the step timings' pytree (default: 2**26)",
+    )
+    parser.add_argument(
+        "--repeats", type=report.positive_int, default=10, help="timed calls per step"
+    )
+    parser.add_argument(
+        "--warmup", type=report.positive_int, default=2, help="untimed calls before timing"
     )
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="results directory")
     return parser.parse_args(argv)

@@ -294,10 +294,16 @@ def tree_bytes(tree: Any) -> int:
 # ----------------------------------------------------------------------------- timing
 
 
-def make_step(tx: optax.GradientTransformation) -> Callable:
+def make_step(tx: optax.GradientTransformation, stored_after: bool = False) -> Callable:
+    """The step: update, apply; with ``stored_after``, the state's lower-precision moments
+    stored after the new parameters (``optim_jax.stored_after``)."""
+
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        params = optax.apply_updates(params, updates)
+        if stored_after:
+            state = optim_jax.stored_after(state, params)
+        return params, state
 
     return step
 
@@ -307,7 +313,9 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, float, Any]:
+def compile_step(
+    tx: optax.GradientTransformation, params: Any, stored_after: bool = False
+) -> tuple[Any, float, Any]:
     """``(compiled step, seconds to trace + lower + compile, abstract state)``.
 
     ``params`` may be abstract (``jax.ShapeDtypeStruct``) or concrete; a new
@@ -316,7 +324,7 @@ def compile_step(tx: optax.GradientTransformation, params: Any) -> tuple[Any, fl
     params = abstract(params)
     state = jax.eval_shape(tx.init, params)
     start = time.perf_counter()
-    jitted = jax.jit(make_step(tx), donate_argnums=(0, 1))
+    jitted = jax.jit(make_step(tx, stored_after), donate_argnums=(0, 1))
     compiled = jitted.lower(params, state, params).compile()
     return compiled, time.perf_counter() - start, state
 
