@@ -43,9 +43,12 @@ def _needs_order(moment: object, param: jax.Array) -> bool:
     )
 
 
+@jax.custom_jvp
 def _after(moment: jax.Array, param: jax.Array) -> jax.Array:
     """``moment``, bit for bit, as a value that depends on ``param`` element by element
-    (no communication: the two share a sharding)."""
+    (no communication: the two share a sharding). Differentiated as the identity in
+    ``moment`` (the bit operations alone would give a zero derivative, silently wrong for
+    a program that differentiates through optimizer steps)."""
     unsigned = _UNSIGNED[moment.dtype.itemsize]
     param_bits = jax.lax.bitcast_convert_type(param, _UNSIGNED[param.dtype.itemsize])
     # min(x, 0) of an unsigned x is 0, but XLA's simplifier leaves it (x & 0 and x * 0
@@ -53,6 +56,12 @@ def _after(moment: jax.Array, param: jax.Array) -> jax.Array:
     nothing = jnp.minimum(param_bits, jnp.zeros((), param_bits.dtype)).astype(unsigned)
     bits = jax.lax.bitcast_convert_type(moment, unsigned) | nothing
     return jax.lax.bitcast_convert_type(bits, moment.dtype)
+
+
+@_after.defjvp
+def _after_jvp(primals: tuple, tangents: tuple) -> tuple:
+    moment_tangent, _ = tangents
+    return _after(*primals), moment_tangent
 
 
 def _pair_with_params(state: object, params: base.Params) -> object:
