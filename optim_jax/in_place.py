@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optim_jax import base, quantization
 
@@ -64,18 +65,24 @@ def _after_jvp(primals: tuple, tangents: tuple) -> tuple:
     return _after(*primals), moment_tangent
 
 
+def _is_entry(x: object) -> bool:
+    """One entry per parameter: a quantised moment, and the ``optax.MaskedNode`` that
+    stands for a parameter outside a group (``optax.masked``, ``param_groups``)."""
+    return quantization.is_moment(x) or isinstance(x, optax.MaskedNode)
+
+
 def _pair_with_params(state: object, params: base.Params) -> object:
     """``state`` with each subtree shaped like ``params`` ordered after them, leaf by leaf."""
     params_def = jax.tree.structure(params)
     param_leaves = jax.tree.leaves(params)
 
     def shaped_like_params(node: object) -> bool:
-        return jax.tree.structure(node, is_leaf=quantization.is_moment) == params_def
+        return jax.tree.structure(node, is_leaf=_is_entry) == params_def
 
     def order(node: object) -> object:
         if not shaped_like_params(node):
             return node
-        moments = jax.tree.leaves(node, is_leaf=quantization.is_moment)
+        moments = jax.tree.leaves(node, is_leaf=_is_entry)
         ordered = [
             _after(m, p) if _needs_order(m, p) else m
             for m, p in zip(moments, param_leaves, strict=True)
@@ -96,8 +103,10 @@ def stored_after(opt_state: base.Params, params: base.Params) -> base.Params:
         opt_state = optim_jax.stored_after(opt_state, params)
 
     A moment is recognised as a floating array of its parameter's shape, in a subtree of
-    ``opt_state`` with the structure of ``params``, stored narrower than the parameter's
-    compute dtype (bfloat16 for float32 parameters). Everything else passes through.
+    ``opt_state`` with the structure of ``params`` (``optax.MaskedNode`` in the places of
+    the parameters a masked or grouped transformation leaves out), stored narrower than the
+    parameter's compute dtype (bfloat16 for float32 parameters). Everything else passes
+    through.
     """
     return jax.lax.platform_dependent(
         opt_state,

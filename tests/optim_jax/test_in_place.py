@@ -24,6 +24,14 @@ OPTIMIZERS = {
     ),
     "lion": lambda dtype: optim_jax.lion(1e-3, moment_dtype=dtype),
     "adafactor": lambda dtype: optim_jax.adafactor(1e-2, b1=0.9, moment_dtype=dtype),
+    # Each group's moments hold optax.MaskedNode where the other group's parameters are.
+    "groups": lambda dtype: optim_jax.param_groups(
+        {"decay": {}, "no_decay": {"weight_decay": 0.0}},
+        lambda params: {name: "decay" if p.ndim == 2 else "no_decay" for name, p in params.items()},
+        optimizer=optim_jax.adamw,
+        learning_rate=1e-2,
+        moment_dtype=dtype,
+    ),
     "clip_adamw": lambda dtype: optax.chain(
         optim_jax.clip_by_global_norm(1.0),
         optim_jax.adamw(optim_jax.warmup_cosine_decay(0.0, 1e-2, 2, 10), moment_dtype=dtype),
@@ -84,7 +92,7 @@ def test_the_ordered_step_computes_the_same_bits(name):
     _assert_same_bits(_run(tx, True, params), _run(tx, False, params))
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop", "lion", "clip_adamw"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop", "lion", "groups", "clip_adamw"])
 def test_the_ordered_step_copies_no_moment(name):
     """XLA:CPU copies each bfloat16 moment that the parameter kernel recomputes from (the
     motivation: checked here so that an XLA that stops doing it shows up); ordered, none."""
