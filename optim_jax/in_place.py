@@ -27,20 +27,25 @@ import optax
 
 from optim_jax import base, quantization
 
-_UNSIGNED = {2: jnp.uint16, 4: jnp.uint32}
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}  # by itemsize
 
 
 def _needs_order(moment: object, param: jax.Array) -> bool:
-    """A stored float moment of ``param``'s shape, narrower than what it is computed in.
+    """A stored float moment of ``param``'s shape in fewer bytes than float32, the least
+    any transformation computes in: its stored value is never the one the update reads.
 
-    int8 moments are left as they are: their codes come out of a block maximum and a code
-    search that XLA:CPU writes out anyway, and ordering them changed nothing measured.
+    A float32 moment is left alone even beside float64 parameters: its arithmetic follows
+    the gradients' dtype, which is not seen here, and where that is float32 the update reads
+    the stored moment itself (ordering it would only make XLA recompute it, with other
+    roundings). int8 moments are left alone too: their codes come out of a block maximum
+    and a code search that XLA:CPU writes out anyway, and ordering them changed nothing
+    measured.
     """
     return (
         isinstance(moment, jax.Array)
         and moment.shape == param.shape
         and jnp.issubdtype(moment.dtype, jnp.floating)
-        and moment.dtype.itemsize < jnp.dtype(base.compute_dtype(param.dtype)).itemsize
+        and moment.dtype.itemsize < jnp.dtype(jnp.float32).itemsize
     )
 
 
@@ -104,9 +109,8 @@ def stored_after(opt_state: base.Params, params: base.Params) -> base.Params:
 
     A moment is recognised as a floating array of its parameter's shape, in a subtree of
     ``opt_state`` with the structure of ``params`` (``optax.MaskedNode`` in the places of
-    the parameters a masked or grouped transformation leaves out), stored narrower than the
-    parameter's compute dtype (bfloat16 for float32 parameters). Everything else passes
-    through.
+    the parameters a masked or grouped transformation leaves out), stored in fewer bytes
+    than float32 (bfloat16, float16). Everything else passes through.
     """
     return jax.lax.platform_dependent(
         opt_state,

@@ -73,8 +73,10 @@ def _run(tx, ordered: bool, params, steps: int = 3):
     step = _step(tx, ordered)
     params = jax.tree.map(jnp.copy, params)
     state = tx.init(params)
+    shapes = {k: v.shape for k, v in params.items()}
+    dtype = jax.tree.leaves(params)[0].dtype  # gradients in the parameters' dtype
     for i in range(steps):
-        params, state = step(params, state, _tree(100 + i, {k: v.shape for k, v in params.items()}))
+        params, state = step(params, state, _tree(100 + i, shapes, dtype))
     return params, state
 
 
@@ -115,6 +117,21 @@ def test_stored_after_keeps_every_bit_of_the_moments():
     params = {"kernel": specials[::-1], "bias": -specials}
     ordered = jax.jit(optim_jax.stored_after)((moments, jnp.int32(3)), params)
     _assert_same_bits(ordered, (moments, jnp.int32(3)))
+
+
+def test_float64_params_order_their_bfloat16_moments_and_leave_float32_ones():
+    """With x64 on: bfloat16 moments of float64 parameters are ordered (64-bit parameter
+    bits) and the steps keep every bit; float32 moments are left alone, since with float32
+    gradients the update reads them as stored (ordering them made XLA recompute them, and
+    the parameters differed by float32 rounding after three steps: checked)."""
+    with jax.enable_x64(True):
+        params = _tree(0, dtype=jnp.float64)
+        for dtype, ordered in (("bfloat16", 2 * len(SHAPES)), ("float32", 0)):
+            tx = optim_jax.adamw(1e-2, moment_dtype=dtype)
+            jaxpr = str(jax.make_jaxpr(optim_jax.stored_after)(tx.init(params), params))
+            assert jaxpr.count(" or ") == ordered, dtype
+        tx = optim_jax.adamw(1e-2, moment_dtype="bfloat16")
+        _assert_same_bits(_run(tx, True, params), _run(tx, False, params))
 
 
 def test_stored_after_differentiates_as_the_identity():
