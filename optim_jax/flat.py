@@ -406,10 +406,7 @@ def map_runs(
     of leaves.
     """
     layout = tree.layout
-    per_leaf = [
-        None if isinstance(x, FlatParams | RunStacks) else layout.treedef.flatten_up_to(x)
-        for x in rest
-    ]
+    per_leaf = [None if _is_packed(x) else layout.treedef.flatten_up_to(x) for x in rest]
     outputs: list[list[list[Any]]] = [[] for _ in range(n_outputs)]
     for g, group in enumerate(layout.groups):
         for column in outputs:

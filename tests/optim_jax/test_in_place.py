@@ -69,14 +69,21 @@ def _assert_same_bits(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-def _run(tx, ordered: bool, params, steps: int = 3):
+def _random_grads(params: dict):
+    """Step ``i``'s gradients: a fresh random tree in the parameters' shapes and dtype."""
+    shapes = {k: v.shape for k, v in params.items()}
+    dtype = jax.tree.leaves(params)[0].dtype
+    return lambda i: _tree(100 + i, shapes, dtype)
+
+
+def _run(tx, ordered: bool, params, grads_at=None, steps: int = 3):
+    """``steps`` jitted steps from ``params``; ``grads_at(i)`` gives step i's gradients."""
+    grads_at = grads_at or _random_grads(params)
     step = _step(tx, ordered)
     params = jax.tree.map(jnp.copy, params)
     state = tx.init(params)
-    shapes = {k: v.shape for k, v in params.items()}
-    dtype = jax.tree.leaves(params)[0].dtype  # gradients in the parameters' dtype
     for i in range(steps):
-        params, state = step(params, state, _tree(100 + i, shapes, dtype))
+        params, state = step(params, state, grads_at(i))
     return params, state
 
 
@@ -187,17 +194,8 @@ def test_stored_after_finds_the_moments_of_a_single_array_and_of_flat_params():
     state = tx.init(flat)
     text = _step(tx, True).lower(flat, state, flat).compile().as_text()
     assert _moment_copies(text, [b.shape for b in jax.tree.leaves(flat)]) == 0
-    _assert_same_bits(_run_flat(tx, True, flat), _run_flat(tx, False, flat))
-
-
-def _run_flat(tx, ordered: bool, flat):
-    step = _step(tx, ordered)
-    flat = jax.tree.map(jnp.copy, flat)
-    state = tx.init(flat)
     grads = jax.tree.map(lambda b: b * 0.5 + 0.1, flat)
-    for _ in range(3):
-        flat, state = step(flat, state, grads)
-    return flat, state
+    _assert_same_bits(_run(tx, True, flat, lambda i: grads), _run(tx, False, flat, lambda i: grads))
 
 
 def test_the_ordered_sharded_step_adds_no_collective():
