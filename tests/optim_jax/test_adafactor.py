@@ -81,6 +81,7 @@ def view(opt_state):
     return out
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_adafactor_matches_reference(name):
     ours, theirs, shapes = CASES[name]
@@ -90,6 +91,7 @@ def test_adafactor_matches_reference(name):
     )
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_scale_by_factored_rms_matches_reference():
     """The preconditioner alone: p - lr * g / sqrt(v_hat), no clipping or parameter scale."""
 
@@ -115,6 +117,7 @@ def optax_decay_float64(step, exponent):
     return 1.0 - (step + 1).astype(jnp.float64) ** (-exponent)
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("min_dim", [0, 128])
 def test_scale_by_factored_rms_matches_optax(min_dim):
     shapes = SHAPES_WITH_SQUARE
@@ -174,6 +177,7 @@ OPTAX_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case", range(len(OPTAX_CASES)))
 def test_adafactor_matches_optax_adafactor(case):
     """Same semantics configured on both sides (see the adafactor docstring).

@@ -214,6 +214,7 @@ def _assert_padding_is_zero(flat: FlatParams) -> None:
         assert not np.any(np.asarray(flat.buffers[group.name], np.float32)[:, ~used])
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_tensor_norms_are_each_leafs_norm():
     params, layout, flat = _packed_sharded_tree()
     leaves = jax.tree.leaves(params)
@@ -235,6 +236,7 @@ TRUST_RATIO = {
 }
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("name", sorted(TRUST_RATIO))
 def test_trust_ratio_rules_match_the_per_leaf_path(name):
     layout, per_leaf, flat = _both_paths(TRUST_RATIO[name])
@@ -247,6 +249,7 @@ def test_trust_ratio_rules_match_the_per_leaf_path(name):
         )
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_global_norm_clipping_matches_to_float32_rounding():
     schedule = optim_jax.warmup_cosine_decay(0.0, 1e-2, 2, 10, 1e-4)
 
@@ -515,6 +518,7 @@ ADAFACTOR = {
 }
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("by_shape", [False, True], ids=["by_dtype", "by_shape"])
 @pytest.mark.parametrize("name", sorted(ADAFACTOR))
 def test_adafactor_on_the_flat_layout_matches_the_per_leaf_path(name, by_shape):

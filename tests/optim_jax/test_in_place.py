@@ -141,6 +141,18 @@ def test_float64_params_order_their_bfloat16_moments_and_leave_float32_ones():
         _assert_same_bits(_run(tx, True, params), _run(tx, False, params))
 
 
+def test_elsewhere_stored_after_returns_the_state_as_it_is(platform_branch):
+    """On GPU and TPU (``platform_branch`` elsewhere) the state comes back as it went in, no
+    dependency traced; on CPU each bfloat16 moment gets one. Also checks that the fixture
+    reaches the branch our modules take."""
+    params = _tree(0)
+    state = optim_jax.adamw(1e-2, moment_dtype="bfloat16").init(params)
+    jaxpr = str(jax.make_jaxpr(optim_jax.stored_after)(state, params))
+    assert jaxpr.count(" or ") == (2 * len(SHAPES) if platform_branch == "cpu" else 0)
+    if platform_branch == "elsewhere":
+        assert optim_jax.stored_after(state, params) is state
+
+
 def test_stored_after_differentiates_as_the_identity():
     """Through stored_after a moment's derivative is 1 and the parameters' 0, as for the
     moment itself (forward and reverse mode, under jit): a program that differentiates

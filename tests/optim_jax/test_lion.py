@@ -53,6 +53,7 @@ def reference(rule, case):
     )
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case", CASES)
 def test_lion_matches_reference(case):
     harness.check_against_reference(
@@ -62,6 +63,7 @@ def test_lion_matches_reference(case):
     )
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case", CASES)
 def test_lion_matches_optax_and_lion_pytorch_rule(case):
     params, grads = harness.random_params(1), harness.random_grads(1, 20)
@@ -120,13 +122,14 @@ def test_the_cpu_step_updates_the_moment_in_place(layout):
     assert harness.step_bytes(optim_jax.lion(1e-4, weight_decay=0.1), params) / n < 28.5
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("b1,b2", [(0.9, 0.99), (0.95, 0.98), (0.9, 0.9), (0.0, 0.5)])
 def test_the_direction_from_the_new_moment_has_the_papers_sign(b1, b2):
-    """On CPU the direction is ``sign((b1/b2) m_t + (1 - b1/b2) g_t)``; float64's
-    ``sign(b1 m_{t-1} + (1 - b1) g_t)`` must agree on every coordinate whose interpolation is
-    not within float32 rounding of zero: ``|c| > 1e-6 (|m| + |g|)``, a few ulps of the terms
-    (float32's unit roundoff is 6e-8). A million coordinates, moments and gradients of mixed
-    scales so that both terms matter."""
+    """On CPU the direction is ``sign((b1/b2) m_t + (1 - b1/b2) g_t)`` (elsewhere the
+    paper's form, in float32); float64's ``sign(b1 m_{t-1} + (1 - b1) g_t)`` must agree on
+    every coordinate whose interpolation is not within float32 rounding of zero:
+    ``|c| > 1e-6 (|m| + |g|)``, a few ulps of the terms (float32's unit roundoff is 6e-8). A
+    million coordinates, moments and gradients of mixed scales so that both terms matter."""
     rng = np.random.default_rng(0)
     n = 1_000_000
     m = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1, n)).astype(np.float32)
@@ -141,6 +144,7 @@ def test_the_direction_from_the_new_moment_has_the_papers_sign(b1, b2):
     np.testing.assert_array_equal(np.asarray(direction)[clear], np.sign(c)[clear])
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_every_coordinate_moves_by_exactly_lr_without_weight_decay():
     lr = 2.0**-7
     params, grads = harness.random_params(4), harness.random_grads(4, 5)
@@ -164,6 +168,7 @@ def test_every_coordinate_moves_by_exactly_lr_without_weight_decay():
         p = new_p
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_sign_of_zero_does_not_move_the_coordinate():
     """sign(0) = 0: a coordinate with zero momentum and zero gradient gets no sign step."""
     params = {"w": jnp.array([1.0, -2.0, 3.0, 4.0])}

@@ -50,6 +50,7 @@ LAMB_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case", LAMB_CASES)
 def test_lamb_matches_reference(case):
     kwargs = case["kwargs"]
@@ -66,6 +67,7 @@ def test_lamb_matches_reference(case):
     )
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case", LAMB_CASES)
 def test_lamb_matches_optax(case):
     """Optax applies the trust ratio to every leaf and the mask to the decay only, as we do."""
@@ -75,6 +77,7 @@ def test_lamb_matches_optax(case):
     harness.assert_trajectories_close(ours, want, 1e-12, "optax.lamb")
 
 
+@pytest.mark.usefixtures("platform_branch")
 def test_lamb_mask_exempts_decay_but_not_trust_ratio():
     """A masked leaf steps exactly as it would with weight_decay=0, trust ratio included."""
     params, grads = harness.random_params(2), harness.random_grads(2, 5)
@@ -120,6 +123,7 @@ LAMB_CPU_RUNS = [
 ]
 
 
+@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("case, layout", LAMB_CPU_RUNS)
 def test_lamb_is_its_chain_on_every_layout_and_moment_dtype(case, layout):
     """On CPU ``scale_by_lamb`` takes ``||u||`` from ``u`` computed again inside the norm's
