@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array: TypeAlias = jax.Array
@@ -167,8 +169,13 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def is_zero(value: ScalarOrSchedule) -> bool:
-    """True for the number 0; a schedule is never statically zero."""
-    return not callable(value) and float(value) == 0.0
+    """True for the number 0, which switches a component (and its state) off.
+
+    A schedule or a JAX array is never statically zero: ``optax.inject_hyperparams``
+    passes hyperparameters as arrays, concrete to ``init`` and traced to ``update``,
+    and the state must have the same structure in both.
+    """
+    return isinstance(value, numbers.Number | np.ndarray) and float(value) == 0.0
 
 
 def chain_present(*transforms: optax.GradientTransformation | None) -> optax.GradientTransformation:

@@ -1,13 +1,19 @@
 """Argument checks that fail at construction time with a message naming the argument.
 
 Schedules (callables) are not evaluated here: their values are only known under
-``jit``. Every check accepts Python numbers and concrete arrays.
+``jit``. Every check accepts Python numbers and concrete arrays, and a traced
+scalar passes unchecked: ``optax.inject_hyperparams`` calls an optimizer factory
+inside the jitted update with every numeric hyperparameter as a traced scalar
+(its value was checked when it was a number, at construction).
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import jax
+import numpy as np
 
 
 def _is_number(value: Any) -> bool:
@@ -20,9 +26,18 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+def _is_traced_scalar(name: str, value: Any) -> bool:
+    """True for a traced real scalar; raises naming ``name`` for another traced value."""
+    if not isinstance(value, jax.core.Tracer):
+        return False
+    if value.shape != () or not np.issubdtype(value.dtype, np.number):
+        raise TypeError(f"{name} must be a real scalar, got a traced {value.aval}")
+    return True
+
+
 def _as_float(name: str, value: Any) -> float | None:
-    """``float(value)``, or None for a schedule; raises for anything else."""
-    if callable(value):
+    """``float(value)``, or None for a schedule or a traced scalar; raises for anything else."""
+    if callable(value) or _is_traced_scalar(name, value):
         return None
     if not _is_number(value):
         raise TypeError(f"{name} must be a number or a schedule, got {value!r}")
@@ -58,11 +73,27 @@ def check_in_range(name: str, value: Any, low: float, high: float) -> None:
         raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_positive_int(name: str, value: Any, *, array_ok: bool = False) -> None:
+    """A Python int >= 1; with ``array_ok`` also an integer scalar array (traced: unchecked)."""
+    _check_int(name, value, 1, "a positive integer", array_ok)
 
 
 def check_non_negative_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    """A Python int >= 0."""
+    _check_int(name, value, 0, "a non-negative integer", False)
+
+
+def _check_int(name: str, value: Any, low: int, what: str, array_ok: bool) -> None:
+    if isinstance(value, jax.Array | np.ndarray) and not array_ok:
+        # Such an integer decides the program's structure (shapes, loops), which an array's
+        # value cannot: optax.inject_hyperparams turns every int into one unless told not to.
+        raise ValueError(
+            f"{name} must be a Python int, got {value!r}: it decides the state's structure, "
+            f"so with optax.inject_hyperparams name it in static_args"
+        )
+    if isinstance(value, jax.Array | np.ndarray) and np.issubdtype(value.dtype, np.integer):
+        if value.shape == () and (isinstance(value, jax.core.Tracer) or int(value) >= low):
+            return
+    elif not isinstance(value, bool) and isinstance(value, int) and value >= low:
+        return
+    raise ValueError(f"{name} must be {what}, got {value!r}")

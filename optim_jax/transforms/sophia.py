@@ -105,7 +105,7 @@ def scale_by_sophia(
     validation.check_beta("b2", b2)
     validation.check_non_negative("gamma", gamma)
     validation.check_positive("eps", eps)
-    validation.check_positive_int("update_interval", update_interval)
+    validation.check_positive_int("update_interval", update_interval, array_ok=True)
     quantization.moment_format(moment_dtype)  # a bad value is an error here, not at init
 
     def init_fn(params):

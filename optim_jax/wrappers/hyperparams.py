@@ -126,10 +126,13 @@ def inject_hyperparams(
     to float32 rounding, not bit for bit. In float64 (``jax_enable_x64`` with
     float64 params) they agree to double rounding.
 
-    Optax's ``inject_hyperparams`` differs: it injects every numeric argument,
-    defaults included (zeros too) and whatever its annotation (``eps`` as
-    well), and treats every callable as a schedule unless it is named in
-    ``static_args`` (so ``mask=fn`` must be listed there).
+    Optax's ``inject_hyperparams`` works with every optimizer here too, and
+    differs: it injects every numeric argument, defaults included (zeros too,
+    so ``sgd``'s momentum buffer is kept at momentum 0) and whatever its
+    annotation (``eps`` as well), and treats every callable as a schedule
+    unless it is named in ``static_args`` (so ``mask=fn`` must be listed
+    there, and so must Adafactor's ``min_dim_size_to_factor``, which decides
+    the state's shapes: passed as an array it is refused with that advice).
 
     Args:
       optimizer: a function returning a ``GradientTransformation``.

@@ -278,3 +278,89 @@ def test_lion_betas_are_injected():
     params = {"w": jnp.ones((2, 3))}
     state = optim_jax.inject_hyperparams(optim_jax.lion)(1e-3, b1=0.9, b2=0.98).init(params)
     assert {"b1", "b2"} <= set(state.hyperparams)
+
+
+# Every optimizer under Optax's own wrapper, which passes each numeric argument (defaults and
+# zeros included) as an array: concrete to init, traced to the jitted update.
+OPTAX_INJECTED = [
+    ("sgd", dict(learning_rate=0.1)),
+    ("sgd", dict(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("adagrad", dict(learning_rate=0.1, initial_accumulator_value=0.1)),
+    ("rmsprop", dict(learning_rate=0.01, momentum=0.9, centered=True)),
+    ("adam", dict(learning_rate=0.01, b1=0.8)),
+    ("adamw", dict(learning_rate=0.01, weight_decay=0.1)),
+    ("lamb", dict(learning_rate=0.01, weight_decay=0.01)),
+    ("lars", dict(learning_rate=0.1, weight_decay=1e-3)),
+    ("lion", dict(learning_rate=1e-3, b1=0.95, b2=0.98, weight_decay=0.1)),
+    ("adafactor", dict(learning_rate=0.01, b1=0.9)),
+    ("sophia", dict(learning_rate=0.01, update_interval=3)),
+]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", OPTAX_INJECTED, ids=[f"{n}{i}" for i, (n, _) in enumerate(OPTAX_INJECTED)]
+)
+def test_optax_inject_hyperparams_follows_the_plain_optimizer(name, kwargs):
+    """``optax.inject_hyperparams(optim_jax.X)`` drops in as it does for ``optax.X``. In
+    float64 the injected values are the Python numbers exactly, so the trajectory is the
+    plain one to float64 rounding (1e-12 relative over 10 steps, where float32 rounding
+    would show at 1e-7); in float32 it equals ``optim_jax.inject_hyperparams``' bit for bit
+    (both evaluate the hyperparameters as float32 arrays inside the step)."""
+    factory = getattr(optim_jax, name)
+    # Adafactor's min_dim_size_to_factor decides which leaves are factored (the state's shapes).
+    static_args = ("min_dim_size_to_factor",) if name == "adafactor" else ()
+    injected = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    params0, grads = harness.random_params(3), harness.random_grads(3, 10)
+    plain = harness.run_ours(factory(**kwargs), params0, grads, np.float64)
+    ours = harness.run_ours(injected, params0, grads, np.float64)
+    harness.assert_trajectories_close(ours, plain, 1e-12, f"{name} float64")
+    assert not np.allclose(plain[-1]["matrix"], params0["matrix"])  # the steps moved them
+
+    theirs = harness.run_ours(injected, params0, grads, np.float32)
+    wrapped = optim_jax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    harness.assert_trajectories_close(
+        theirs, harness.run_ours(wrapped, params0, grads, np.float32), 0.0, f"{name} float32"
+    )
+
+
+def test_optax_injected_values_steer_the_update_and_init_may_be_jitted():
+    """A learning rate written into Optax's injected state acts at the next update (0: the
+    parameters stay), with a jitted init (the hyperparameters traced there too)."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+    tx = optax.inject_hyperparams(optim_jax.adamw)(learning_rate=1e-2, weight_decay=0.1)
+    state = jax.jit(tx.init)(params)
+    state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+    updates, state = jax.jit(tx.update)(params, state, params)
+    np.testing.assert_array_equal(updates["w"], np.zeros((2, 3)))
+    assert set(state.hyperparams) >= {"learning_rate", "b1", "b2", "eps", "weight_decay"}
+
+
+def test_array_hyperparameters_are_checked_or_named():
+    """Concrete arrays are checked like numbers; a traced one passes unchecked if it is a
+    real scalar; an int that shapes the state must stay a Python int (the message says how
+    to keep Optax's wrapper from turning it into an array)."""
+    params = {"w": jnp.ones((4, 3))}
+    optim_jax.adam(jnp.float32(1e-3), b1=jnp.float32(0.9)).init(params)
+    with pytest.raises(ValueError, match="b1 must be in"):
+        optim_jax.adam(1e-3, b1=jnp.float32(1.5))
+    with pytest.raises(TypeError, match=r"b2 must be a real scalar, got a traced float32\[3\]"):
+        jax.jit(lambda b2: optim_jax.adam(1e-3, b2=b2).init(params))(jnp.ones(3))
+    with pytest.raises(ValueError, match="min_dim_size_to_factor must be a Python int"):
+        optax.inject_hyperparams(optim_jax.adafactor)(learning_rate=1e-2).init(params)
+    with pytest.raises(ValueError, match="update_interval must be a positive integer"):
+        optim_jax.sophia(1e-2, update_interval=jnp.int32(0))
+
+
+def test_an_array_zero_keeps_its_component():
+    """A zero momentum given as an array keeps the momentum buffer (the state must have
+    one structure whether the value is concrete, at init, or traced, in the update); the
+    Python number 0 drops it. Both take plain SGD steps."""
+    params = {"w": jnp.ones((2, 3))}
+    grads = {"w": jnp.full((2, 3), 0.5)}
+    with_buffer = optim_jax.sgd(0.1, momentum=jnp.float32(0.0))
+    without = optim_jax.sgd(0.1, momentum=0.0)
+    assert base.find_states(with_buffer.init(params), transforms.TraceState)
+    assert not base.find_states(without.init(params), transforms.TraceState)
+    for tx in (with_buffer, without):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_array_equal(updates["w"], np.full((2, 3), -0.05, np.float32))
