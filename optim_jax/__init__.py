@@ -45,6 +45,7 @@ from optim_jax.wrappers.accumulation import (
     accumulate_gradients,
     accumulation_step_applied,
 )
+from optim_jax.wrappers.complex_params import complex_as_real
 from optim_jax.wrappers.groups import (
     DEFAULT_NO_DECAY_NAMES,
     decay_mask,
@@ -91,6 +92,7 @@ __all__ = [
     "adaptive_grad_clip",
     "clip_by_global_norm",
     "clip_by_value",
+    "complex_as_real",
     "constant",
     "cosine_decay",
     "cosine_warm_restarts",

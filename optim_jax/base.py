@@ -94,13 +94,37 @@ def tree_cast_like(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
+def squared_magnitude(x: Array) -> Array:
+    """``|x|**2`` elementwise: ``x * x`` for real ``x``, ``re**2 + im**2`` for complex."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
+
+
 def global_norm(tree: Any) -> Array:
-    """The L2 norm of all leaves taken together, computed in float32 or wider."""
+    """The L2 norm of all leaves taken together (of complex leaves, by their magnitudes, as
+    Optax and torch take it), computed in float32 or wider."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    squares = [jnp.sum(jnp.square(x.astype(compute_dtype(x.dtype)))) for x in leaves]
+    squares = [jnp.sum(squared_magnitude(x.astype(compute_dtype(x.dtype)))) for x in leaves]
     return jnp.sqrt(sum(squares))
+
+
+def refuse_complex(params: Any, transformation: str) -> None:
+    """Raises a TypeError naming the first complex leaf of ``params``.
+
+    For transformations whose rule squares, roots, signs or normalises elementwise: written
+    for real numbers, on a complex leaf they would return a wrong direction silently.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{transformation}: parameter {jax.tree_util.keystr(path) or 'params'} is "
+                f"{leaf.dtype}; its rule is written for real numbers. Wrap the optimizer in "
+                f"optim_jax.complex_as_real(...) to update real and imaginary parts as "
+                f"parameters of their own (torch.optim's convention)"
+            )
 
 
 def tree_map_multi(fn: Callable[..., tuple], n_outputs: int, tree: Any, *rest: Any) -> tuple:

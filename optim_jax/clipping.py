@@ -103,6 +103,7 @@ def clip_by_value(max_delta: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del state, params
+        base.refuse_complex(updates, "clip_by_value")  # a complex number has no order
         _, new_state = _record(updates)
         updates = jax.tree.map(lambda g: jnp.clip(g, -max_delta, max_delta), updates)
         return updates, new_state
@@ -120,7 +121,7 @@ def unit_norms(x: jax.Array) -> jax.Array:
     """
     x = x.astype(base.compute_dtype(x.dtype))
     axes = None if x.ndim <= 1 else tuple(range(x.ndim - 1))
-    return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+    return jnp.sqrt(jnp.sum(base.squared_magnitude(x), axis=axes, keepdims=True))
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:

@@ -256,6 +256,8 @@ def scale_by_factored_rms(
     _check_factoring(factored, min_dim_size_to_factor)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_factored_rms")
+
         def one(lead, p):
             factor = is_factored(p.shape[lead:], factored, min_dim_size_to_factor)
             return _init_second_moment(p, factor)
@@ -394,6 +396,7 @@ def scale_by_adafactor(
     use_decay = _uses(weight_decay)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_adafactor")
         quantization.check_layout(params, moment_dtype)
 
         def one(lead, p):

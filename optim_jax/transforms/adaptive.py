@@ -43,6 +43,7 @@ def scale_by_adagrad(
     quantization.moment_format(moment_dtype)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_adagrad")
         quantization.check_layout(params, moment_dtype)
 
         def one(p):
@@ -102,6 +103,8 @@ def scale_by_rmsprop(
     use_momentum = not base.is_zero(momentum)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_rmsprop")
+
         def zeros(signed: bool):
             return quantization.tree_init(params, moment_dtype, signed=signed)
 
@@ -208,6 +211,7 @@ def scale_by_adam(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_adam")
         return AdamState(
             count=base.init_count(),
             mu=quantization.tree_init(params, moment_dtype, signed=True),

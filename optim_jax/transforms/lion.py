@@ -62,6 +62,7 @@ def scale_by_lion(
     )
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_lion")
         return LionState(
             count=base.init_count(), mu=quantization.tree_init(params, moment_dtype, signed=True)
         )

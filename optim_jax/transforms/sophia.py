@@ -109,6 +109,7 @@ def scale_by_sophia(
     quantization.moment_format(moment_dtype)  # a bad value is an error here, not at init
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_sophia")
         return SophiaState(
             count=base.init_count(),
             steps_to_refresh=jnp.zeros([], jnp.int32),

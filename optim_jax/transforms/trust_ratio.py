@@ -80,6 +80,7 @@ def scale_by_trust_ratio(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_trust_ratio")
         del params
         return optax.EmptyState()
 
@@ -127,6 +128,7 @@ def scale_by_lamb(
     trust = scale_by_trust_ratio()
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_lamb")
         return direction.init(params), trust.init(params)
 
     def update_fn(updates, state, params=None):
@@ -250,6 +252,7 @@ def scale_by_lars(
     validation.check_non_negative("eps", eps)
 
     def init_fn(params):
+        base.refuse_complex(params, "scale_by_lars")
         del params
         return base.CountState(count=base.init_count())
 

@@ -7,6 +7,7 @@ from optim_jax.wrappers.accumulation import (
     accumulate_gradients,
     accumulation_step_applied,
 )
+from optim_jax.wrappers.complex_params import complex_as_real
 from optim_jax.wrappers.groups import (
     DEFAULT_NO_DECAY_NAMES,
     decay_mask,
@@ -45,6 +46,7 @@ __all__ = [
     "SkipNotFiniteState",
     "accumulate_gradients",
     "accumulation_step_applied",
+    "complex_as_real",
     "decay_mask",
     "freeze",
     "inject_hyperparams",
