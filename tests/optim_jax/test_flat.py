@@ -518,7 +518,6 @@ ADAFACTOR = {
 }
 
 
-@pytest.mark.usefixtures("platform_branch")
 @pytest.mark.parametrize("by_shape", [False, True], ids=["by_dtype", "by_shape"])
 @pytest.mark.parametrize("name", sorted(ADAFACTOR))
 def test_adafactor_on_the_flat_layout_matches_the_per_leaf_path(name, by_shape):
