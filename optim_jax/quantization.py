@@ -5,9 +5,16 @@ Every transformation that keeps a per-parameter moment takes ``moment_dtype``:
 ``None``
     the parameter's dtype (float32 for float32 parameters): the default.
 ``"float32"``, ``"bfloat16"``
-    a plain array of that dtype. bfloat16 halves the bytes; it rounds to
-    nearest, so a second moment whose increment ``(1 - b2) g^2`` is below
-    2^-8 of its value stops growing (the usual bf16-state caveat).
+    a plain array of that dtype. bfloat16 halves the bytes and keeps 8
+    significant bits, so a moment's change of less than half a unit in its last
+    place (2^-9 to 2^-8 of its value) is lost when rounded to nearest: a second
+    moment with ``b2 = 0.999`` (a change of 0.1% a step) then never decays, and
+    grows only on gradients several times its size. bfloat16 moments are
+    therefore rounded stochastically: up or down, with the probability that
+    makes the stored value right on average (:func:`round_stochastically`),
+    so the running averages follow their float32 counterparts in expectation.
+    ``MomentFormat("bfloat16", rounding="nearest")`` rounds to nearest instead
+    (what Optax's ``mu_dtype`` does).
 ``"int8"`` (or :class:`MomentFormat` for other block sizes)
     8-bit block-wise dynamic quantisation after Dettmers et al. 2022, "8-bit
     Optimizers via Block-wise Quantization" (ICLR): each block of ``block``
@@ -46,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,20 +62,25 @@ import numpy as np
 from optim_jax import base, flat
 
 DTYPES = ("float32", "bfloat16", "int8")
+ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclasses.dataclass(frozen=True)
 class MomentFormat:
     """How a moment is stored: ``dtype`` one of :data:`DTYPES`; for ``int8`` the block
-    length and the smallest tensor that is quantised (smaller ones stay float32)."""
+    length and the smallest tensor that is quantised (smaller ones stay float32); for
+    ``bfloat16`` the rounding, one of :data:`ROUNDINGS`."""
 
     dtype: str = "int8"
     block: int = 256
     min_size: int = 4096
+    rounding: str = "stochastic"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"moment_dtype must be one of {DTYPES} or None, got {self.dtype!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"moment rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if not (isinstance(self.block, int) and self.block >= 2):
             raise ValueError(f"moment block must be an int >= 2, got {self.block!r}")
         if not (isinstance(self.min_size, int) and self.min_size >= 0):
@@ -275,10 +288,64 @@ def read(moment: jax.Array | QuantizedArray, dtype: jnp.dtype = jnp.float32) -> 
 
 
 def write(value: jax.Array, like: jax.Array | QuantizedArray) -> jax.Array | QuantizedArray:
-    """``value`` stored the way ``like`` is (its dtype, or its block-wise quantisation)."""
+    """``value`` stored the way ``like`` is (its dtype, or its block-wise quantisation),
+    rounded to nearest."""
     if isinstance(like, QuantizedArray):
         return quantize(value, like.block, like.signed)
     return value.astype(like.dtype)
+
+
+Writer = Callable[[jax.Array, "jax.Array | QuantizedArray"], "jax.Array | QuantizedArray"]
+
+
+def writer(moment_dtype: MomentDtype, step: jax.Array | None) -> Writer:
+    """How a transformation stores its new moments at update ``step`` (its count): as
+    :func:`write`, except that bfloat16 moments are rounded stochastically (unless the
+    format says ``rounding="nearest"``), with ``step`` mixed into the random bits so that a
+    moment that keeps its value from step to step is not rounded the same way each time.
+    ``step`` None: the bits come from the values alone (for a sum that only grows)."""
+    fmt = moment_format(moment_dtype)
+    if fmt is None or fmt.dtype != "bfloat16" or fmt.rounding == "nearest":
+        return write
+
+    def store(value: jax.Array, like: jax.Array | QuantizedArray) -> jax.Array | QuantizedArray:
+        if isinstance(like, QuantizedArray) or like.dtype != jnp.bfloat16:
+            return write(value, like)
+        return round_stochastically(value, step)
+
+    return store
+
+
+# The multipliers of a 32-bit integer hash found by search (Wellons, "hash-prospector",
+# lowbias32: shifts 16, 15, 16): every output bit depends on every input bit.
+_MIX = (np.uint32(0x7FEB352D), np.uint32(0x846CA68B))
+_GOLDEN = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: spreads consecutive steps apart
+
+
+def round_stochastically(value: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """``value`` as bfloat16, rounded up or down at random: to the upper neighbour with
+    probability (distance to the lower) / (spacing), so ``E[result] = value`` (up to the
+    float32 rounding of ``value`` first, and 2^-16 of a spacing).
+
+    The 16 bits that bfloat16 drops are compared with 16 pseudo-random bits, a hash of the
+    value's own bits and ``step``: no random key is carried, the result is the same on any
+    layout or sharding of the array (a value and a step decide it), and the cost is a few
+    integer operations in the kernel that computes ``value``. Zero, infinities, NaN and
+    values that bfloat16 holds exactly are kept as they are.
+    """
+    x = value.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    h = bits if step is None else bits ^ (jnp.asarray(step).astype(jnp.uint32) * _GOLDEN)
+    h = (h ^ (h >> 16)) * _MIX[0]
+    h = (h ^ (h >> 15)) * _MIX[1]
+    h = h ^ (h >> 16)
+    # Adding the random bits below bfloat16's last place carries into it with exactly the
+    # probability the dropped bits stand for; the sign bit is apart, so this rounds the
+    # magnitude, up or down, symmetrically for negative values.
+    rounded = (bits + (h & np.uint32(0xFFFF))) & np.uint32(0xFFFF0000)
+    stochastic = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+    # NaN's bits could carry into the sign; infinities and NaN stay as they are.
+    return jnp.where(jnp.isfinite(x), stochastic, x).astype(jnp.bfloat16)
 
 
 def is_moment(x: object) -> bool:

@@ -166,9 +166,12 @@ def _apart(*xs: base.Array) -> tuple[base.Array, ...]:
     )
 
 
-def _precondition(g, v_row, v_col, v, beta2, mix, eps1, lead: int = 0) -> tuple:
+def _precondition(
+    g, v_row, v_col, v, beta2, mix, eps1, lead: int = 0, store=quantization.write
+) -> tuple:
     """``(u, mean(u**2), new_row, new_col, new_v)`` with ``u = g / sqrt(v_hat)``; ``g`` is
-    already in the compute dtype, with ``lead`` stacked axes (the mean is per tensor)."""
+    already in the compute dtype, with ``lead`` stacked axes (the mean is per tensor);
+    ``store`` writes an unfactored statistic (:func:`quantization.writer`)."""
     if v_row is not None:
         g_rows, g_cols = _apart(g, g)
         # mean(g**2) + eps1 is mean(g**2 + eps1); on CPU eps1 inside the mean would be a
@@ -193,7 +196,7 @@ def _precondition(g, v_row, v_col, v, beta2, mix, eps1, lead: int = 0) -> tuple:
     new_v = beta2 * quantization.read(v, g.dtype) + mix * (g * g + eps1)
     u = g * jax.lax.rsqrt(new_v)
     if quantization.is_moment(v) or v.dtype != g.dtype:  # new_v is not what is stored
-        return u, _tensor_mean(u * u, lead), None, None, quantization.write(new_v, v)
+        return u, _tensor_mean(u * u, lead), None, None, store(new_v, v)
     # From the stored statistic, kept apart: XLA:CPU then reduces g and new_v as it reads
     # them instead of writing u out for the reduction (44 -> 40 B/param, no temporary).
     (stored,) = _apart(new_v)
@@ -427,6 +430,7 @@ def scale_by_adafactor(
             rho = base.resolve(learning_rate, state.count)
         beta1 = base.resolve(b1, state.count) if use_momentum else None
         wd = base.resolve(weight_decay, state.count)
+        store = quantization.writer(moment_dtype, state.count)
         # Masks choose tensors by name and shape: on the flat layout, from the per-leaf view.
         view = params.layout.abstract_leaves() if flat.is_flat(params) else params
         if mask is None:
@@ -438,7 +442,7 @@ def scale_by_adafactor(
             cdt = base.compute_dtype(g.dtype)
             g32, p32 = g.astype(cdt), p.astype(cdt)
             u, mean_square, new_row, new_col, new_v = _precondition(
-                g32, v_row, v_col, v, beta2, mix, eps1, lead
+                g32, v_row, v_col, v, beta2, mix, eps1, lead, store
             )
             if clip_threshold is not None:
                 u = u / jnp.maximum(1.0, jnp.sqrt(mean_square) / clip_threshold)
@@ -453,7 +457,7 @@ def scale_by_adafactor(
             new_m = None
             if use_momentum:
                 step = beta1 * quantization.read(m, cdt) + (1 - beta1) * step
-                new_m = quantization.write(step, m)
+                new_m = store(step, m)
             decayed = decay_leaf if lead else (decay_leaf,)
             rate = None
             if use_decay and any(decayed):

@@ -54,12 +54,15 @@ def scale_by_adagrad(
 
     def update_fn(updates, state, params=None):
         del params
+        # A sum of squares only grows (or keeps its value, exactly): the values alone give
+        # its rounding bits a new draw at each change.
+        store = quantization.writer(moment_dtype, None)
 
         def one(g, s):
             g32 = g.astype(base.compute_dtype(g.dtype))
             new_s = quantization.read(s, g32.dtype) + g32 * g32
             direction = g32 / (jnp.sqrt(new_s) + eps)
-            return direction.astype(g.dtype), quantization.write(new_s, s)
+            return direction.astype(g.dtype), store(new_s, s)
 
         out, new_sum = base.tree_map_multi(one, 2, updates, state.sum_of_squares)
         return out, AdagradState(new_sum)
@@ -118,6 +121,7 @@ def scale_by_rmsprop(
     def update_fn(updates, state, params=None):
         del params
         alpha = base.resolve(decay, state.count)
+        store = quantization.writer(moment_dtype, state.count)
 
         def one(g, v, gbar, b):
             g32 = g.astype(base.compute_dtype(g.dtype))
@@ -127,17 +131,17 @@ def scale_by_rmsprop(
                 # v >= gbar^2 in exact arithmetic; rounding (and low-precision state) can
                 # make the difference slightly negative, where torch would give NaN.
                 denom = jnp.sqrt(jnp.maximum(new_v - new_gbar * new_gbar, 0.0)) + eps
-                new_gbar = quantization.write(new_gbar, gbar)
+                new_gbar = store(new_gbar, gbar)
             else:
                 new_gbar = None
                 denom = jnp.sqrt(new_v) + eps
             direction = g32 / denom
             if use_momentum:
                 direction = momentum * quantization.read(b, g32.dtype) + direction
-                new_b = quantization.write(direction, b)
+                new_b = store(direction, b)
             else:
                 new_b = None
-            return direction.astype(g.dtype), quantization.write(new_v, v), new_gbar, new_b
+            return direction.astype(g.dtype), store(new_v, v), new_gbar, new_b
 
         none_tree = jax.tree.map(lambda _: None, updates)
         grad_avg = state.grad_avg if centered else none_tree
@@ -221,6 +225,7 @@ def scale_by_adam(
     def update_fn(updates, state, params=None):
         del params
         beta1, beta2, inverse_correction1, inverse_correction2 = adam_scalars(b1, b2, state.count)
+        store = quantization.writer(moment_dtype, state.count)
 
         def one(g, m, v):
             g32 = g.astype(base.compute_dtype(g.dtype))
@@ -229,8 +234,8 @@ def scale_by_adam(
             direction = adam_direction(new_m, new_v, inverse_correction1, inverse_correction2, eps)
             return (
                 direction.astype(g.dtype),
-                quantization.write(new_m, m),
-                quantization.write(new_v, v),
+                store(new_m, m),
+                store(new_v, v),
             )
 
         out, new_mu, new_nu = base.tree_map_multi(one, 3, updates, state.mu, state.nu)

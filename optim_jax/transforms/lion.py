@@ -71,11 +71,12 @@ def scale_by_lion(
         del params
         beta1 = base.resolve(b1, state.count)
         beta2 = base.resolve(b2, state.count)
+        store = quantization.writer(moment_dtype, state.count)
 
         def new_moment(g, m):
             g32 = g.astype(base.compute_dtype(g.dtype))
             m32 = quantization.read(m, g32.dtype)
-            return quantization.write(beta2 * m32 + (1 - beta2) * g32, m)
+            return store(beta2 * m32 + (1 - beta2) * g32, m)
 
         def from_old_moment(g, m, new_m):
             g32 = g.astype(base.compute_dtype(g.dtype))

@@ -41,12 +41,13 @@ def trace(
     def update_fn(updates, state, params=None):
         del params
         mu = base.resolve(decay, state.count)
+        store = quantization.writer(moment_dtype, state.count)
 
         def one(g, b):
             g32 = g.astype(base.compute_dtype(g.dtype))
             new_b = mu * quantization.read(b, g32.dtype) + g32
             out = g32 + mu * new_b if nesterov else new_b
-            return out.astype(g.dtype), quantization.write(new_b, b)
+            return out.astype(g.dtype), store(new_b, b)
 
         out, new_momentum = base.tree_map_multi(one, 2, updates, state.momentum)
         return out, TraceState(count=base.increment_count(state.count), momentum=new_momentum)

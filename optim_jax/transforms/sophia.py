@@ -123,6 +123,7 @@ def scale_by_sophia(
         beta2 = base.resolve(b2, state.count)
         scale = base.resolve(gamma, state.count)
         refresh = state.steps_to_refresh == 0
+        store = quantization.writer(moment_dtype, state.count)
 
         def one(g, m, h, estimate):
             g32 = g.astype(base.compute_dtype(g.dtype))
@@ -140,9 +141,9 @@ def scale_by_sophia(
                 # has +1 but not -1, so a block whose largest value is negative would shrink
                 # on every step between refreshes).
                 stored_h = jax.tree.map(
-                    lambda new, old: jnp.where(refresh, new, old), quantization.write(new_h, h), h
+                    lambda new, old: jnp.where(refresh, new, old), store(new_h, h), h
                 )
-            return direction.astype(g.dtype), quantization.write(new_m, m), stored_h
+            return direction.astype(g.dtype), store(new_m, m), stored_h
 
         if hessian_diag is None:
             hessian_diag = jax.tree.map(lambda _: None, updates)

@@ -10,6 +10,8 @@ What is proved here:
   the nearest ones (a float64 NumPy search over the book);
 * blocks run along the last axis (padding the last block), codes keep the tensor's shape and,
   under ``jax.jit`` on a mesh, its sharding;
+* bfloat16 moments are rounded stochastically: each value goes to a neighbour with the right odds,
+  and a second moment follows its float32 counterpart where rounding to nearest stalls;
 * every optimizer with a moment takes ``moment_dtype``: state bytes per parameter (AdamW int8 at
   most 2.1, bfloat16 4), a jitted training run with int8 or bfloat16 moments tracks the float32
   run, and bad values are errors naming the argument.
@@ -389,3 +391,78 @@ def test_sophia_int8_hessian_is_kept_bit_for_bit_between_refreshes():
     # And the fifth update is a refresh again: h moves.
     refreshed = sophia_state_after(tx, params, [estimate] * 5).hessian["w"]
     assert not np.array_equal(np.asarray(refreshed.absmax), np.asarray(after_refresh.absmax))
+
+
+# --- bfloat16 moments: stochastic rounding --------------------------------------------------
+
+
+def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bfloat16 values just below and above each float32 magnitude in ``x`` (> 0)."""
+    bits = x.astype(np.float32).view(np.uint32)
+    low = (bits & np.uint32(0xFFFF0000)).view(np.float32)
+    high = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
+    return low, high
+
+
+def test_stochastic_rounding_picks_a_neighbour_with_the_right_odds():
+    """Each result is one of the two bfloat16 neighbours of the value, and over 4000 steps
+    the upper one comes up with probability (x - low) / (high - low): within 0.03 of it for
+    each of 64 values of both signs (4 standard deviations of a 4000-draw frequency are
+    0.032 at p = 1/2). Values bfloat16 holds and zero, infinities and NaN stay as they are."""
+    rng = np.random.default_rng(0)
+    x = np.float32(2.0) ** rng.uniform(-20, 20, 64).astype(np.float32) * (1 + rng.random(64))
+    x = x.astype(np.float32)
+    low, high = _neighbours(x)
+    want = (x.astype(np.float64) - low) / (high.astype(np.float64) - low)
+    steps = jnp.arange(4000)
+    draw = jax.jit(jax.vmap(quantization.round_stochastically, in_axes=(None, 0)))
+    for sign in (1.0, -1.0):
+        rounded = np.abs(np.asarray(draw(sign * x, steps), np.float32))
+        assert np.all((rounded == low) | (rounded == high))
+        np.testing.assert_allclose((rounded == high).mean(axis=0), want, atol=0.03)
+    exact = np.asarray([0.0, -0.0, 1.0, -1.5, 2.0**-130, np.inf, -np.inf, np.nan], np.float32)
+    kept = np.asarray(quantization.round_stochastically(exact, jnp.int32(5)), np.float32)
+    np.testing.assert_array_equal(kept.view(np.uint32), exact.view(np.uint32))
+
+
+def test_a_bfloat16_second_moment_follows_the_float32_one_on_average():
+    """Adam's second moment, b2 = 0.999, gradients whose scale drops 10x after 300 steps:
+    rounded to nearest, the stored moment cannot decay (a 0.1% step is below half of
+    bfloat16's spacing) and stays where the drop found it, 3x the float32 one 1200 steps
+    later; rounded stochastically its mean over 4096 coordinates ends within 2% of the
+    float32 mean (measured 0.15%)."""
+    n, steps = 4096, 1500
+    scale = jnp.where(jnp.arange(steps) < 300, 1.0, 0.1)
+    key = jax.random.key(3)
+
+    def final_nu(moment_dtype):
+        tx = transforms.scale_by_adam(moment_dtype=moment_dtype)
+
+        def body(state, t):
+            g = scale[t] * jax.random.normal(jax.random.fold_in(key, t), (n,))
+            return tx.update(g, state)[1], None
+
+        state, _ = jax.lax.scan(body, tx.init(jnp.zeros(n)), jnp.arange(steps))
+        return np.asarray(state.nu, np.float64)
+
+    reference = final_nu(None).mean()
+    stochastic = final_nu("bfloat16").mean()
+    nearest = final_nu(quantization.MomentFormat("bfloat16", rounding="nearest")).mean()
+    assert abs(stochastic / reference - 1) < 0.02, (stochastic, reference)
+    assert nearest > 2 * reference, (nearest, reference)
+
+
+def test_stochastic_rounding_depends_on_the_step_and_the_format_chooses_it():
+    """A moment that keeps its value is rounded afresh at each step (the step is mixed into
+    the random bits); ``rounding="nearest"`` stores what ``astype(bfloat16)`` stores; a bad
+    rounding names the argument."""
+    value = jnp.full((1,), 1.0 + 0.5 * 2.0**-7, jnp.float32)  # halfway between neighbours
+    draws = {float(quantization.round_stochastically(value, jnp.int32(s))[0]) for s in range(64)}
+    assert draws == {1.0, 1.0 + 2.0**-7}
+    like = jnp.zeros((1,), jnp.bfloat16)
+    nearest = quantization.writer(quantization.MomentFormat("bfloat16", rounding="nearest"), None)
+    assert nearest(value, like).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(nearest(value, like), value.astype(jnp.bfloat16))
+    assert quantization.writer("float32", jnp.int32(0)) is quantization.write
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        quantization.MomentFormat("bfloat16", rounding="up")
