@@ -1,6 +1,6 @@
 """optim_jax: Optax-style gradient transformations, checked against reference math."""
 
-from optim_jax import flat, hessian, schedules, transforms
+from optim_jax import flat, hessian, quantization, schedules, transforms
 from optim_jax.aliases import (
     adafactor,
     adagrad,
@@ -23,6 +23,7 @@ from optim_jax.clipping import (
 )
 from optim_jax.flat import FlatLayout, FlatParams, flat_layout
 from optim_jax.in_place import stored_after
+from optim_jax.quantization import MomentFormat
 from optim_jax.schedules import (
     constant,
     cosine_decay,
@@ -78,6 +79,7 @@ __all__ = [
     "FlatParams",
     "InjectHyperparamsState",
     "LookaheadState",
+    "MomentFormat",
     "PlateauState",
     "SAMState",
     "ScalarOrSchedule",
@@ -122,6 +124,7 @@ __all__ = [
     "plateau_scale",
     "polynomial_decay",
     "pre_clip_global_norm",
+    "quantization",
     "reduce_on_plateau",
     "rmsprop",
     "sam",
