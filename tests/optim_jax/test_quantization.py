@@ -430,7 +430,9 @@ def test_a_bfloat16_second_moment_follows_the_float32_one_on_average():
     rounded to nearest, the stored moment cannot decay (a 0.1% step is below half of
     bfloat16's spacing) and stays where the drop found it, 3x the float32 one 1200 steps
     later; rounded stochastically its mean over 4096 coordinates ends within 2% of the
-    float32 mean (measured 0.15%)."""
+    float32 mean (measured 0.15%). int8 moments need no such rounding: a block's values are
+    stored relative to its float32 maximum, which decays with them (within 5%; measured
+    1.6%)."""
     n, steps = 4096, 1500
     scale = jnp.where(jnp.arange(steps) < 300, 1.0, 0.1)
     key = jax.random.key(3)
@@ -443,13 +445,14 @@ def test_a_bfloat16_second_moment_follows_the_float32_one_on_average():
             return tx.update(g, state)[1], None
 
         state, _ = jax.lax.scan(body, tx.init(jnp.zeros(n)), jnp.arange(steps))
-        return np.asarray(state.nu, np.float64)
+        return np.asarray(quantization.read(state.nu), np.float64)
 
     reference = final_nu(None).mean()
     stochastic = final_nu("bfloat16").mean()
     nearest = final_nu(quantization.MomentFormat("bfloat16", rounding="nearest")).mean()
     assert abs(stochastic / reference - 1) < 0.02, (stochastic, reference)
     assert nearest > 2 * reference, (nearest, reference)
+    assert abs(final_nu("int8").mean() / reference - 1) < 0.05
 
 
 def test_stochastic_rounding_depends_on_the_step_and_the_format_chooses_it():
