@@ -14,7 +14,8 @@ Every transformation that keeps a per-parameter moment takes ``moment_dtype``:
     makes the stored value right on average (:func:`round_stochastically`),
     so the running averages follow their float32 counterparts in expectation.
     ``MomentFormat("bfloat16", rounding="nearest")`` rounds to nearest instead
-    (what Optax's ``mu_dtype`` does).
+    (what Optax's ``mu_dtype`` does). int8 moments are rounded to nearest code: a
+    block's values are stored relative to its float32 maximum, which decays with them.
 ``"int8"`` (or :class:`MomentFormat` for other block sizes)
     8-bit block-wise dynamic quantisation after Dettmers et al. 2022, "8-bit
     Optimizers via Block-wise Quantization" (ICLR): each block of ``block``
