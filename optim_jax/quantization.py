@@ -335,8 +335,8 @@ def round_stochastically(value: jax.Array, step: jax.Array | None = None) -> jax
     value's own bits and ``step``: no random key is carried, the result is the same on any
     layout or sharding of the array (a value and a step decide it), and the cost is a few
     integer operations in the kernel that computes ``value``. Equal values round alike at
-    the same step. Zero, infinities, NaN and
-    values that bfloat16 holds exactly are kept as they are.
+    the same step. Zero, infinities, NaN and values that bfloat16 holds exactly are kept
+    as they are.
     """
     x = value.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)

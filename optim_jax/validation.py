@@ -88,8 +88,8 @@ def _check_int(name: str, value: Any, low: int, what: str, array_ok: bool) -> No
         # Such an integer decides the program's structure (shapes, loops), which an array's
         # value cannot: optax.inject_hyperparams turns every int into one unless told not to.
         raise ValueError(
-            f"{name} must be a Python int, got {value!r}: it decides the state's structure, "
-            f"so with optax.inject_hyperparams name it in static_args"
+            f"{name} must be a Python int, got {value!r}: it fixes the program's structure "
+            f"(shapes, loop counts), so with optax.inject_hyperparams name it in static_args"
         )
     if isinstance(value, jax.Array | np.ndarray) and np.issubdtype(value.dtype, np.integer):
         if value.shape == () and (isinstance(value, jax.core.Tracer) or int(value) >= low):

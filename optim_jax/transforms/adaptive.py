@@ -54,8 +54,9 @@ def scale_by_adagrad(
 
     def update_fn(updates, state, params=None):
         del params
-        # A sum of squares only grows (or keeps its value, exactly): the values alone give
-        # its rounding bits a new draw at each change.
+        # No count in this state: the values alone seed the rounding bits. A sum that meets
+        # the same increment at the same value draws alike again (as rounding to nearest
+        # always would); with gradients that vary, every step draws afresh.
         store = quantization.writer(moment_dtype, None)
 
         def one(g, s):
