@@ -45,8 +45,8 @@ def complex_as_real(inner: optax.GradientTransformation) -> optax.GradientTransf
     The optimizers here refuse complex parameters where their rule squares, roots, signs
     or normalises elementwise; wrapped, they take them. Real leaves pass through
     untouched, and the state is ``inner``'s. Rules that look at shapes see the stacked
-    shape: Adafactor factors a complex matrix ``(n, m)`` as ``(n, m, 2)``, and a mask
-    by rank (``decay_mask``) sees a complex vector as a matrix.
+    shape: Adafactor factors a complex ``(n, m)`` matrix over its last two axes, ``(m, 2)``,
+    and a mask by rank (``decay_mask``) sees a complex vector as a matrix.
     """
 
     def init_fn(params: base.Params) -> Any:
