@@ -17,15 +17,21 @@ default float dtype (float32, or float64 with x64 enabled).
 Shared rules:
 
 * Value arguments (``init_value``, ``peak_value``, ``end_value``, ...) are
-  finite and ``>= 0``: they are learning rates, momenta or decay factors.
+  finite and ``>= 0``: they are learning rates, momenta or decay factors. They
+  may also be traced scalars, so a schedule can be built inside ``jax.grad``
+  (a meta-gradient with respect to its peak) or ``jax.vmap`` (a sweep over
+  peaks in one program); traced values are not checked. Lengths, periods,
+  milestones and ``one_cycle``'s ``pct_start`` place the transitions and must
+  be numbers.
 * Lengths (``*_steps``) are integers ``>= 0``; a length of 0 means that
   transition happens at once. Periods (``step_size``, ``T_0``, ...) are ``>= 1``.
 * After its last transition a schedule holds its final value forever. Where
   torch does something else past that point (``CosineAnnealingLR`` keeps
   oscillating, ``OneCycleLR`` raises), the docstring says so.
 * Powers of a decay factor ``gamma ** n`` are computed as
-  ``exp(n * log(gamma))`` with the logarithm taken in double precision, which
-  keeps float32 values within a few ulp for ``gamma`` close to 1.
+  ``exp(n * log(gamma))`` with the logarithm taken in double precision (of a
+  traced ``gamma``: in its own precision), which keeps float32 values within a
+  few ulp for ``gamma`` close to 1.
 """
 
 from __future__ import annotations
@@ -64,14 +70,17 @@ __all__ = [
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_value(name: str, value: Any, *, positive: bool = False) -> float:
-    """A finite number ``>= 0`` (``> 0`` if ``positive``), returned as a Python float."""
+def _check_value(name: str, value: Any, *, positive: bool = False) -> float | Array:
+    """A finite number ``>= 0`` (``> 0`` if ``positive``), returned as a Python float; a
+    traced scalar (a schedule built under ``jax.grad`` or ``jax.vmap``) as it is, unchecked."""
     if callable(value):
         raise TypeError(f"{name} must be a number, got a callable")
     if positive:
         validation.check_positive(name, value)
     else:
         validation.check_non_negative(name, value)
+    if isinstance(value, jax.core.Tracer):
+        return value
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number}")
@@ -169,9 +178,15 @@ _ANNEALERS: dict[str, Callable[[Any, Any, Array], Array]] = {
 }
 
 
-def _power(base: float, exponent: Array) -> Array:
-    """``base ** exponent`` for a Python number ``base >= 0`` (``0 ** 0 = 1``)."""
+def _power(base: float | Array, exponent: Array) -> Array:
+    """``base ** exponent`` for ``base >= 0`` (``0 ** 0 = 1``): a Python number's logarithm
+    in double precision; a traced one's in the array's, kept off 0 so that its gradient
+    stays finite."""
     exponent = _as_float(exponent)
+    if isinstance(base, jax.core.Tracer):
+        positive = base > 0
+        log_base = jnp.log(jnp.where(positive, base, 1.0))
+        return jnp.where(positive, jnp.exp(exponent * log_base), _as_float(exponent == 0))
     if base == 0.0:
         return _as_float(exponent == 0)
     return jnp.exp(exponent * math.log(base))
@@ -531,6 +546,8 @@ def _one_cycle(
     from 0 to 1. From ``T - 1`` on the last knot is held.
     """
     total_steps = _check_int("total_steps", total_steps, 1)
+    if isinstance(pct_start, jax.core.Tracer):
+        raise TypeError("pct_start must be a number, not a traced value: it places the phases")
     if not 0.0 < _check_value("pct_start", pct_start) < 1.0:
         raise ValueError(f"pct_start must be in (0, 1), got {pct_start}")
     anneal = _check_anneal("anneal_strategy", anneal_strategy)

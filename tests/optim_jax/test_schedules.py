@@ -528,3 +528,64 @@ def test_one_cycle_edge_of_valid_pct_start_matches_torch():
         return sched.OneCycleLR(opt, max_lr=1.0, **case)
 
     assert_schedule_close(schedules.one_cycle(1.0, **case), torch_values(make, 21))
+
+
+TRACEABLE = {
+    "constant": (optim_jax.constant, dict(value=0.1)),
+    "linear": (optim_jax.linear, dict(init_value=0.1, end_value=0.01, transition_steps=10)),
+    "cosine_decay": (optim_jax.cosine_decay, dict(init_value=0.1, decay_steps=10, end_value=0.01)),
+    "polynomial_decay": (
+        optim_jax.polynomial_decay,
+        dict(init_value=0.1, decay_steps=10, end_value=0.01, power=2.0),
+    ),
+    "exponential_decay": (optim_jax.exponential_decay, dict(init_value=0.1, gamma=0.9)),
+    "multistep_decay": (
+        optim_jax.multistep_decay,
+        dict(init_value=0.1, milestones=[2, 5], gamma=0.5),
+    ),
+    "warmup_cosine_decay": (
+        optim_jax.warmup_cosine_decay,
+        dict(init_value=0.01, peak_value=0.1, warmup_steps=3, decay_steps=10, end_value=0.001),
+    ),
+    "inverse_sqrt": (optim_jax.inverse_sqrt, dict(peak_value=0.1, warmup_steps=3, init_value=0.01)),
+    "cosine_warm_restarts": (
+        optim_jax.cosine_warm_restarts,
+        dict(init_value=0.1, T_0=4, T_mult=2, eta_min=0.01),
+    ),
+    "one_cycle": (
+        optim_jax.one_cycle,
+        dict(max_value=0.1, total_steps=12, div_factor=25.0, final_div_factor=1e4),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRACEABLE))
+def test_value_arguments_may_be_traced(name):
+    """Every value argument of a schedule may be a traced scalar: ``jax.vmap`` over it gives
+    the schedules built one value at a time, and ``jax.grad`` of the sum over 12 steps equals
+    the central difference (float64, h = 1e-6 of the value: 1e-7 relative is curvature and
+    rounding, plus 1e-12 absolute for a derivative near zero, such as one_cycle's in
+    final_div_factor, -1.9e-10, where the difference's rounding is ~1e-14).
+    ``one_cycle``'s ``pct_start``, which places the phases, must be a number."""
+    build, kwargs = TRACEABLE[name]
+    with jax.enable_x64(True):
+        for arg, value in kwargs.items():
+            if not isinstance(value, float):
+                continue
+
+            def total(x, arg=arg):
+                return jnp.sum(build(**{**kwargs, arg: x})(jnp.arange(12)))
+
+            def values(x, arg=arg):
+                return build(**{**kwargs, arg: x})(jnp.arange(12))
+
+            xs = np.array([value, 0.5 * value])
+            swept = jax.vmap(values)(jnp.asarray(xs))
+            np.testing.assert_allclose(swept, [values(x) for x in xs], rtol=1e-12, err_msg=arg)
+            h = 1e-6 * value
+            central = (total(value + h) - total(value - h)) / (2 * h)
+            np.testing.assert_allclose(
+                jax.grad(total)(value), central, rtol=1e-7, atol=1e-12, err_msg=arg
+            )
+    with pytest.raises(TypeError, match="pct_start must be a number"):
+        jax.vmap(lambda p: optim_jax.one_cycle(0.1, 12, pct_start=p)(3))(jnp.array([0.3]))
