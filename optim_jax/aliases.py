@@ -20,7 +20,7 @@ from optim_jax.transforms.momentum import trace
 from optim_jax.transforms.scale import scale_by_learning_rate
 from optim_jax.transforms.sophia import scale_by_sophia
 from optim_jax.transforms.trust_ratio import scale_by_lamb, scale_by_lars
-from optim_jax.transforms.weight_decay import MaskOrFn, decoupled_weight_decay
+from optim_jax.transforms.weight_decay import MaskOrFn, optional_weight_decay
 
 
 def sgd(
@@ -49,7 +49,7 @@ def sgd(
     if nesterov and base.is_zero(momentum):
         raise ValueError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
     return base.chain_present(
-        decoupled_weight_decay(weight_decay, None),
+        optional_weight_decay(weight_decay, None),
         None if base.is_zero(momentum) else trace(momentum, nesterov, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
@@ -59,19 +59,23 @@ def adagrad(
     learning_rate: base.ScalarOrSchedule,
     initial_accumulator_value: float = 0.0,
     eps: float = 1e-10,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
-    """Adagrad with torch.optim.Adagrad's defaults (``lr_decay=0``, ``weight_decay=0``).
+    """Adagrad with torch.optim.Adagrad's defaults.
 
     ``p <- p - lr * g / (sqrt(s) + eps)`` with ``s`` the running sum of ``g**2``
-    started at ``initial_accumulator_value``. Optax's ``adagrad`` differs:
-    ``initial_accumulator_value=0.1``, ``eps=1e-7`` inside the square root.
+    started at ``initial_accumulator_value``; ``weight_decay`` is torch's L2 term,
+    ``g <- g + weight_decay * p`` first. torch's ``lr_decay`` is the schedule
+    ``lambda t: lr / (1 + t * lr_decay)`` as ``learning_rate``. Optax's ``adagrad``
+    differs: ``initial_accumulator_value=0.1``, ``eps=1e-7`` inside the square root.
 
     ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return optax.chain(
+    return base.chain_present(
+        optional_weight_decay(weight_decay, None),
         scale_by_adagrad(initial_accumulator_value, eps, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
@@ -83,11 +87,13 @@ def rmsprop(
     eps: float = 1e-8,
     momentum: float = 0.0,
     centered: bool = False,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """RMSprop with torch.optim.RMSprop's defaults and eps placement.
 
-    See :func:`optim_jax.transforms.scale_by_rmsprop` for the rule. Equals
+    See :func:`optim_jax.transforms.scale_by_rmsprop` for the rule; ``weight_decay``
+    is torch's L2 term, ``g <- g + weight_decay * p`` first. Equals
     ``optax.rmsprop(lr, decay=0.99, eps=eps, eps_in_sqrt=False, centered=...,
     momentum=...)``; Optax's own defaults (decay 0.9, eps inside the root) differ.
 
@@ -95,7 +101,8 @@ def rmsprop(
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return optax.chain(
+    return base.chain_present(
+        optional_weight_decay(weight_decay, None),
         scale_by_rmsprop(decay, eps, momentum, centered, moment_dtype),
         scale_by_learning_rate(learning_rate),
     )
@@ -106,19 +113,24 @@ def adam(
     b1: base.ScalarOrSchedule = 0.9,
     b2: base.ScalarOrSchedule = 0.999,
     eps: float = 1e-8,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     moment_dtype: quantization.MomentDtype = None,
 ) -> optax.GradientTransformation:
     """Adam (Kingma & Ba 2015) with torch.optim.Adam's defaults.
 
     ``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``; see
     :func:`optim_jax.transforms.scale_by_adam`. Identical to ``optax.adam``.
+    ``weight_decay`` is torch Adam's: L2, ``g <- g + weight_decay * p`` before the
+    moments (decoupled decay is :func:`adamw`).
 
     ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
-    return optax.chain(
-        scale_by_adam(b1, b2, eps, moment_dtype), scale_by_learning_rate(learning_rate)
+    return base.chain_present(
+        optional_weight_decay(weight_decay, None),
+        scale_by_adam(b1, b2, eps, moment_dtype),
+        scale_by_learning_rate(learning_rate),
     )
 
 
@@ -150,7 +162,7 @@ def adamw(
     """
     return base.chain_present(
         scale_by_adam(b1, b2, eps, moment_dtype),
-        decoupled_weight_decay(weight_decay, mask),
+        optional_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -278,7 +290,7 @@ def lion(
     """
     return base.chain_present(
         scale_by_lion(b1, b2, moment_dtype),
-        decoupled_weight_decay(weight_decay, mask),
+        optional_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -322,7 +334,7 @@ def sophia(
     """
     return base.chain_present(
         scale_by_sophia(b1, b2, gamma, eps, update_interval, moment_dtype),
-        decoupled_weight_decay(weight_decay, mask),
+        optional_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 

@@ -20,7 +20,7 @@ import optax
 
 from optim_jax import base, flat, quantization, validation
 from optim_jax.transforms.adaptive import adam_direction, adam_scalars, scale_by_adam
-from optim_jax.transforms.weight_decay import MaskOrFn, decayed, decoupled_weight_decay
+from optim_jax.transforms.weight_decay import MaskOrFn, decayed, optional_weight_decay
 
 
 def _ratio_or_one(numerator: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
@@ -123,7 +123,7 @@ def scale_by_lamb(
     layout, and no temporary (``benchmarks/optimizers.py``: 0.58 -> 0.36 of Optax's
     step time at 64M parameters, 2026-12-07).
     """
-    decay = decoupled_weight_decay(weight_decay, mask)
+    decay = optional_weight_decay(weight_decay, mask)
     direction = base.chain_present(scale_by_adam(b1, b2, eps, moment_dtype), decay)
     trust = scale_by_trust_ratio()
 

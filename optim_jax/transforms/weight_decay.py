@@ -81,10 +81,12 @@ def add_decayed_weights(
     return optax.GradientTransformationExtraArgs(per_tensor.init, masked_update_fn)
 
 
-def decoupled_weight_decay(
+def optional_weight_decay(
     weight_decay: base.ScalarOrSchedule, mask: MaskOrFn
 ) -> optax.GradientTransformation | None:
-    """``add_decayed_weights`` when ``weight_decay`` can be non-zero, else None."""
+    """``add_decayed_weights`` when ``weight_decay`` can be non-zero, else None (for
+    ``base.chain_present``). Placed before the scaling it is L2, coupled to the gradient
+    (torch's SGD, Adam, RMSprop, Adagrad); after it, decoupled (AdamW)."""
     validation.check_non_negative("weight_decay", weight_decay)
     return None if base.is_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
 

@@ -211,3 +211,48 @@ def test_state_keeps_parameter_dtype_for_bfloat16():
     adam_state = base.find_state(state, transforms.AdamState)
     assert adam_state.mu["w"].dtype == jnp.bfloat16 and adam_state.nu["w"].dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(updates["w"], np.float32)))
+
+
+L2_CASES = {
+    "adam": (
+        lambda wd: optim_jax.adam(1e-2, weight_decay=wd),
+        ref.adam_init,
+        ref.adam_step(constant(1e-2), 0.9, 0.999, 1e-8),
+        adam_view,
+        lambda ps, wd: torch.optim.Adam(ps, lr=1e-2, weight_decay=wd),
+    ),
+    "rmsprop": (
+        lambda wd: optim_jax.rmsprop(1e-2, momentum=0.9, centered=True, weight_decay=wd),
+        ref.rmsprop_init(True, 0.9),
+        ref.rmsprop_step(constant(1e-2), 0.99, 1e-8, momentum=0.9, centered=True),
+        rmsprop_view,
+        lambda ps, wd: torch.optim.RMSprop(
+            ps, lr=1e-2, momentum=0.9, centered=True, weight_decay=wd
+        ),
+    ),
+    "adagrad": (
+        lambda wd: optim_jax.adagrad(0.1, weight_decay=wd),
+        ref.adagrad_init(0.0),
+        ref.adagrad_step(constant(0.1), 1e-10),
+        lambda s: {"sum": base.find_state(s, transforms.AdagradState).sum_of_squares},
+        lambda ps, wd: torch.optim.Adagrad(ps, lr=0.1, weight_decay=wd),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(L2_CASES))
+def test_l2_weight_decay_is_torchs(name):
+    """``weight_decay`` of adam, rmsprop and adagrad is torch's L2 term, added to the
+    gradient before the moments: the float64 reference with ``g + wd p`` step by step, and
+    torch's trajectory to 1e-12; 0 leaves the chain as it was (no decay transformation)."""
+    make, init, step, view, make_torch = L2_CASES[name]
+    wd = 0.1
+    harness.check_against_reference(lambda: make(wd), init, ref.with_l2(step, wd), view)
+    params, grads = harness.random_params(5), harness.random_grads(5, 20)
+    ours = harness.run_ours(make(wd), params, grads)
+    want = harness.run_torch(lambda ps: make_torch(ps, wd), params, grads)
+    harness.assert_trajectories_close(ours, want, 1e-12, "torch")
+    without = harness.run_ours(make(0.0), params, grads)
+    assert not np.allclose(ours[-1]["matrix"], without[-1]["matrix"])
+    state = make(0.0).init({k: np.float32(v) for k, v in params.items()})
+    assert len(state) == 2  # the scaling and the learning rate only

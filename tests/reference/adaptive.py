@@ -83,3 +83,13 @@ def adam_step(lr, b1, b2, eps, weight_decay=0.0):
         return p, {"m": m, "v": v}
 
     return step
+
+
+def with_l2(step, weight_decay):
+    """torch's L2 term in front of a reference step: ``g <- g + weight_decay * p``."""
+
+    def l2_step(params, grads, state, t):
+        decayed = {k: grads[k] + weight_decay * params[k] for k in grads}
+        return step(params, decayed, state, t)
+
+    return l2_step
