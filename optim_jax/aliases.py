@@ -115,13 +115,15 @@ def adam(
     eps: float = 1e-8,
     weight_decay: base.ScalarOrSchedule = 0.0,
     moment_dtype: quantization.MomentDtype = None,
+    amsgrad: bool = False,
 ) -> optax.GradientTransformation:
     """Adam (Kingma & Ba 2015) with torch.optim.Adam's defaults.
 
     ``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``; see
     :func:`optim_jax.transforms.scale_by_adam`. Identical to ``optax.adam``.
     ``weight_decay`` is torch Adam's: L2, ``g <- g + weight_decay * p`` before the
-    moments (decoupled decay is :func:`adamw`).
+    moments (decoupled decay is :func:`adamw`). ``amsgrad`` is torch's flag: the running
+    maximum of ``v`` in the denominator (see :func:`optim_jax.transforms.scale_by_adam`).
 
     ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
@@ -129,7 +131,7 @@ def adam(
     """
     return base.chain_present(
         optional_weight_decay(weight_decay, None),
-        scale_by_adam(b1, b2, eps, moment_dtype),
+        scale_by_adam(b1, b2, eps, moment_dtype, amsgrad),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -142,6 +144,7 @@ def adamw(
     weight_decay: base.ScalarOrSchedule = 0.01,
     mask: MaskOrFn = None,
     moment_dtype: quantization.MomentDtype = None,
+    amsgrad: bool = False,
 ) -> optax.GradientTransformation:
     """AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's defaults.
 
@@ -154,14 +157,15 @@ def adamw(
     Optax. Optax's ``adamw`` defaults to ``weight_decay=1e-4``; torch and this
     function use ``1e-2``. ``mask`` (a pytree of booleans or a function of the
     params) excludes leaves from the decay; see
-    :func:`optim_jax.decay_mask` for the usual choice.
+    :func:`optim_jax.decay_mask` for the usual choice. ``amsgrad`` is torch's flag (see
+    :func:`adam`).
 
     ``moment_dtype`` stores the optimizer's per-parameter buffers in fewer bytes:
     ``"bfloat16"`` or ``"int8"`` (8-bit block-wise, Dettmers et al. 2022); see
     :mod:`optim_jax.quantization`. None keeps the parameter's dtype.
     """
     return base.chain_present(
-        scale_by_adam(b1, b2, eps, moment_dtype),
+        scale_by_adam(b1, b2, eps, moment_dtype, amsgrad),
         optional_weight_decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

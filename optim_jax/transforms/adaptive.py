@@ -165,6 +165,7 @@ class AdamState(NamedTuple):
     count: jax.Array
     mu: base.Updates  # first moment m, one per parameter
     nu: base.Updates  # second moment v, one per parameter
+    nu_max: base.Updates | None = None  # AMSGrad: the largest v so far; None without it
 
 
 def adam_scalars(
@@ -196,6 +197,7 @@ def scale_by_adam(
     b2: base.ScalarOrSchedule = 0.999,
     eps: float = 1e-8,
     moment_dtype: quantization.MomentDtype = None,
+    amsgrad: bool = False,
 ) -> optax.GradientTransformation:
     """Adam's direction (Kingma & Ba 2015) with torch.optim.Adam's eps placement.
 
@@ -205,6 +207,12 @@ def scale_by_adam(
         u_t &= \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}
 
     ``t`` counts from 1. Identical to ``optax.scale_by_adam(eps_root=0)``.
+
+    ``amsgrad`` (Reddi et al. 2018, in torch.optim.Adam's form): ``v_t`` in the
+    denominator is replaced by ``max(v_1, ..., v_t)`` (kept in the state as
+    ``nu_max``), bias-corrected with the current ``1 - beta_2^t`` as torch does.
+    The paper keeps no bias correction; Optax's ``scale_by_amsgrad`` takes the
+    maximum of the corrected ``v_hat``, which no setting of torch reproduces.
     Betas given as schedules are evaluated at ``t - 1`` and the bias
     correction uses the current value, as Optax's ``inject_hyperparams`` does.
     ``moment_dtype``: how the moments are stored: None (the parameter's dtype),
@@ -221,6 +229,7 @@ def scale_by_adam(
             count=base.init_count(),
             mu=quantization.tree_init(params, moment_dtype, signed=True),
             nu=quantization.tree_init(params, moment_dtype, signed=False),
+            nu_max=quantization.tree_init(params, moment_dtype, signed=False) if amsgrad else None,
         )
 
     def update_fn(updates, state, params=None):
@@ -228,18 +237,29 @@ def scale_by_adam(
         beta1, beta2, inverse_correction1, inverse_correction2 = adam_scalars(b1, b2, state.count)
         store = quantization.writer(moment_dtype, state.count)
 
-        def one(g, m, v):
+        def one(g, m, v, v_max):
             g32 = g.astype(base.compute_dtype(g.dtype))
             new_m = beta1 * quantization.read(m, g32.dtype) + (1 - beta1) * g32
             new_v = beta2 * quantization.read(v, g32.dtype) + (1 - beta2) * g32 * g32
-            direction = adam_direction(new_m, new_v, inverse_correction1, inverse_correction2, eps)
-            return (
-                direction.astype(g.dtype),
-                store(new_m, m),
-                store(new_v, v),
+            denominator_v, new_v_max = new_v, None
+            if v_max is not None:
+                denominator_v = jnp.maximum(quantization.read(v_max, g32.dtype), new_v)
+                new_v_max = store(denominator_v, v_max)
+            direction = adam_direction(
+                new_m, denominator_v, inverse_correction1, inverse_correction2, eps
             )
+            return direction.astype(g.dtype), store(new_m, m), store(new_v, v), new_v_max
 
-        out, new_mu, new_nu = base.tree_map_multi(one, 3, updates, state.mu, state.nu)
-        return out, AdamState(count=base.increment_count(state.count), mu=new_mu, nu=new_nu)
+        maxima = state.nu_max if amsgrad else jax.tree.map(lambda _: None, updates)
+        out, new_mu, new_nu, new_max = base.tree_map_multi(
+            one, 4, updates, state.mu, state.nu, maxima
+        )
+        new_state = AdamState(
+            count=base.increment_count(state.count),
+            mu=new_mu,
+            nu=new_nu,
+            nu_max=new_max if amsgrad else None,
+        )
+        return out, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -256,3 +256,48 @@ def test_l2_weight_decay_is_torchs(name):
     assert not np.allclose(ours[-1]["matrix"], without[-1]["matrix"])
     state = make(0.0).init({k: np.float32(v) for k, v in params.items()})
     assert len(state) == 2  # the scaling and the learning rate only
+
+
+def amsgrad_view(opt_state):
+    state = base.find_state(opt_state, transforms.AdamState)
+    return {"m": state.mu, "v": state.nu, "v_max": state.nu_max}
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_amsgrad_is_torchs(decoupled):
+    """``amsgrad=True``: the float64 reference of torch's AMSGrad (the maximum of the raw
+    ``v``, corrected by the current ``1 - b2**t``) step by step, and torch's Adam/AdamW
+    trajectory to 1e-12, on gradients that shrink (0.85x a step) so that the maximum is
+    what the denominator holds. Optax's ``amsgrad`` (the maximum of the corrected ``v_hat``)
+    ends elsewhere."""
+    wd = 0.05 if decoupled else 0.0
+    params = harness.random_params(6)
+    grads = [
+        {k: g * 0.85**t for k, g in step.items()}
+        for t, step in enumerate(harness.random_grads(6, 20))
+    ]
+
+    def make():
+        if decoupled:
+            return optim_jax.adamw(1e-2, weight_decay=wd, amsgrad=True)
+        return optim_jax.adam(1e-2, amsgrad=True)
+
+    harness.check_against_reference(
+        make,
+        ref.amsgrad_init,
+        ref.amsgrad_step(constant(1e-2), 0.9, 0.999, 1e-8, wd),
+        amsgrad_view,
+        params=params,
+        grads=grads,
+    )
+    ours = harness.run_ours(make(), params, grads)
+    torch_optimizer = torch.optim.AdamW if decoupled else torch.optim.Adam
+    want = harness.run_torch(
+        lambda ps: torch_optimizer(ps, lr=1e-2, weight_decay=wd, amsgrad=True), params, grads
+    )
+    harness.assert_trajectories_close(ours, want, 1e-12, "torch")
+    plain = harness.run_ours(optim_jax.adamw(1e-2, weight_decay=wd), params, grads)
+    assert not np.allclose(ours[-1]["matrix"], plain[-1]["matrix"], rtol=1e-6)
+    if not decoupled:
+        theirs = harness.run_ours(optax.amsgrad(1e-2), params, grads)
+        assert not np.allclose(ours[-1]["matrix"], theirs[-1]["matrix"], rtol=1e-6)

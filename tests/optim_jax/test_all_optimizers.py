@@ -42,6 +42,7 @@ CASES: dict[str, Case] = {
         lambda lr: optim_jax.rmsprop(lr, momentum=0.9, centered=True), 12, 3e-3, 3e-4, 1e-3
     ),
     "adam": Case(lambda lr: optim_jax.adam(lr), 8, 0.05, 0.02, 3e-3),
+    "adam_amsgrad": Case(lambda lr: optim_jax.adam(lr, amsgrad=True), 12, 0.05, 0.02, 3e-3),
     "adamw": Case(lambda lr: optim_jax.adamw(lr, weight_decay=1e-4), 8, 0.05, 0.02, 3e-3),
     "lamb": Case(lambda lr: optim_jax.lamb(lr), 8, 0.05, 0.1, 3e-3),
     "lars": Case(lambda lr: optim_jax.lars(lr, trust_coefficient=0.01), 4, 1.0, 0.1, 1.0),

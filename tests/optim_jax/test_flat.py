@@ -156,6 +156,7 @@ ELEMENTWISE = {
     "sgd_momentum": lambda: optim_jax.sgd(0.1, momentum=0.9, nesterov=True),
     "adamw": lambda: optim_jax.adamw(1e-2, weight_decay=0.1),
     "adamw_bf16_moments": lambda: optim_jax.adamw(1e-2, moment_dtype="bfloat16"),
+    "adamw_amsgrad": lambda: optim_jax.adamw(1e-2, amsgrad=True),
     "lion": lambda: optim_jax.lion(1e-3, weight_decay=0.1),
     "rmsprop": lambda: optim_jax.rmsprop(1e-2, momentum=0.9, centered=True),
     "sophia": lambda: optim_jax.sophia(1e-2, update_interval=1),

@@ -218,6 +218,7 @@ def sophia_fed_noisy_hessian(md: quantization.MomentDtype) -> optax.GradientTran
 OPTIMIZERS = {
     "adamw": lambda md: optim_jax.adamw(3e-3, weight_decay=1e-2, moment_dtype=md),
     "adam": lambda md: optim_jax.adam(3e-3, moment_dtype=md),
+    "adam_amsgrad": lambda md: optim_jax.adam(3e-3, moment_dtype=md, amsgrad=True),
     "lamb": lambda md: optim_jax.lamb(3e-2, moment_dtype=md),
     "lion": lambda md: optim_jax.lion(2e-3, moment_dtype=md),
     "sgd_momentum": lambda md: optim_jax.sgd(0.1, momentum=0.9, nesterov=True, moment_dtype=md),

@@ -93,3 +93,26 @@ def with_l2(step, weight_decay):
         return step(params, decayed, state, t)
 
     return l2_step
+
+
+def amsgrad_init(params):
+    return {"m": _like(params), "v": _like(params), "v_max": _like(params)}
+
+
+def amsgrad_step(lr, b1, b2, eps, weight_decay=0.0):
+    """Adam with AMSGrad as torch.optim.Adam/AdamW compute it: the running maximum of the
+    raw ``v`` in the denominator, divided by the current ``1 - b2**t``; with
+    ``weight_decay`` > 0 the decoupled decay of AdamW."""
+
+    def step(params, grads, state, t):
+        m = {k: b1 * state["m"][k] + (1 - b1) * grads[k] for k in params}
+        v = {k: b2 * state["v"][k] + (1 - b2) * grads[k] ** 2 for k in params}
+        v_max = {k: np.maximum(state["v_max"][k], v[k]) for k in params}
+        p = {}
+        for k in params:
+            m_hat = m[k] / (1 - b1**t)
+            denominator = np.sqrt(v_max[k]) / np.sqrt(1 - b2**t) + eps
+            p[k] = params[k] - lr(t - 1) * (m_hat / denominator + weight_decay * params[k])
+        return p, {"m": m, "v": v, "v_max": v_max}
+
+    return step
