@@ -10,6 +10,7 @@ from optim_jax.transforms.adafactor import (
 from optim_jax.transforms.adaptive import (
     AdagradState,
     AdamState,
+    AmsgradState,
     RmspropState,
     scale_by_adagrad,
     scale_by_adam,
@@ -26,6 +27,7 @@ __all__ = [
     "AdafactorState",
     "AdagradState",
     "AdamState",
+    "AmsgradState",
     "FactoredRmsState",
     "LionState",
     "RmspropState",

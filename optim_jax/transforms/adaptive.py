@@ -165,7 +165,16 @@ class AdamState(NamedTuple):
     count: jax.Array
     mu: base.Updates  # first moment m, one per parameter
     nu: base.Updates  # second moment v, one per parameter
-    nu_max: base.Updates | None = None  # AMSGrad: the largest v so far; None without it
+
+
+class AmsgradState(NamedTuple):
+    """Adam's state with AMSGrad. A class of its own, so that Adam's state (and the
+    checkpoints holding it) keep their structure."""
+
+    count: jax.Array
+    mu: base.Updates
+    nu: base.Updates
+    nu_max: base.Updates  # the largest v so far, one per parameter
 
 
 def adam_scalars(
@@ -210,7 +219,8 @@ def scale_by_adam(
 
     ``amsgrad`` (Reddi et al. 2018, in torch.optim.Adam's form): ``v_t`` in the
     denominator is replaced by ``max(v_1, ..., v_t)`` (kept in the state as
-    ``nu_max``), bias-corrected with the current ``1 - beta_2^t`` as torch does.
+    ``nu_max`` of an :class:`AmsgradState`), bias-corrected with the current
+    ``1 - beta_2^t`` as torch does.
     The paper keeps no bias correction; Optax's ``scale_by_amsgrad`` takes the
     maximum of the corrected ``v_hat``, which no setting of torch reproduces.
     Betas given as schedules are evaluated at ``t - 1`` and the bias
@@ -225,12 +235,14 @@ def scale_by_adam(
 
     def init_fn(params):
         base.refuse_complex(params, "scale_by_adam")
-        return AdamState(
-            count=base.init_count(),
-            mu=quantization.tree_init(params, moment_dtype, signed=True),
-            nu=quantization.tree_init(params, moment_dtype, signed=False),
-            nu_max=quantization.tree_init(params, moment_dtype, signed=False) if amsgrad else None,
+        moments = (
+            quantization.tree_init(params, moment_dtype, signed=True),
+            quantization.tree_init(params, moment_dtype, signed=False),
         )
+        if amsgrad:
+            nu_max = quantization.tree_init(params, moment_dtype, signed=False)
+            return AmsgradState(base.init_count(), *moments, nu_max)
+        return AdamState(base.init_count(), *moments)
 
     def update_fn(updates, state, params=None):
         del params
@@ -254,12 +266,9 @@ def scale_by_adam(
         out, new_mu, new_nu, new_max = base.tree_map_multi(
             one, 4, updates, state.mu, state.nu, maxima
         )
-        new_state = AdamState(
-            count=base.increment_count(state.count),
-            mu=new_mu,
-            nu=new_nu,
-            nu_max=new_max if amsgrad else None,
-        )
-        return out, new_state
+        count = base.increment_count(state.count)
+        if amsgrad:
+            return out, AmsgradState(count, new_mu, new_nu, new_max)
+        return out, AdamState(count, new_mu, new_nu)
 
     return optax.GradientTransformation(init_fn, update_fn)

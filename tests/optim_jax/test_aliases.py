@@ -259,7 +259,7 @@ def test_l2_weight_decay_is_torchs(name):
 
 
 def amsgrad_view(opt_state):
-    state = base.find_state(opt_state, transforms.AdamState)
+    state = base.find_state(opt_state, transforms.AmsgradState)
     return {"m": state.mu, "v": state.nu, "v_max": state.nu_max}
 
 
