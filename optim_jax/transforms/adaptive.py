@@ -216,18 +216,18 @@ def scale_by_adam(
         u_t &= \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}
 
     ``t`` counts from 1. Identical to ``optax.scale_by_adam(eps_root=0)``.
-
-    ``amsgrad`` (Reddi et al. 2018, in torch.optim.Adam's form): ``v_t`` in the
-    denominator is replaced by ``max(v_1, ..., v_t)`` (kept in the state as
-    ``nu_max`` of an :class:`AmsgradState`), bias-corrected with the current
-    ``1 - beta_2^t`` as torch does.
-    The paper keeps no bias correction; Optax's ``scale_by_amsgrad`` takes the
-    maximum of the corrected ``v_hat``, which no setting of torch reproduces.
     Betas given as schedules are evaluated at ``t - 1`` and the bias
     correction uses the current value, as Optax's ``inject_hyperparams`` does.
     ``moment_dtype``: how the moments are stored: None (the parameter's dtype),
     ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise 8-bit; see
     :mod:`optim_jax.quantization`).
+
+    ``amsgrad`` (Reddi et al. 2018, in torch.optim.Adam's form): ``v_t`` in the
+    denominator is replaced by ``max(v_1, ..., v_t)`` (kept in the state as
+    ``nu_max`` of an :class:`AmsgradState`), bias-corrected with the current
+    ``1 - beta_2^t`` as torch does. The paper keeps no bias correction; Optax's
+    ``scale_by_amsgrad`` takes the maximum of the corrected ``v_hat``, which no
+    setting of torch reproduces.
     """
     validation.check_beta("b1", b1)
     validation.check_beta("b2", b2)
