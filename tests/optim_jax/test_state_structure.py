@@ -19,20 +19,10 @@ import jax.numpy as jnp
 import pytest
 
 import optim_jax
+from train.config import OPTIMIZER_NAMES
 
 GOLDEN = pathlib.Path(__file__).with_name("state_structures.json")
-NAMES = [
-    "sgd",
-    "adagrad",
-    "rmsprop",
-    "adam",
-    "adamw",
-    "lamb",
-    "lars",
-    "lion",
-    "adafactor",
-    "sophia",
-]
+NAMES = OPTIMIZER_NAMES  # every optimizer the trainer can checkpoint
 
 
 def structures() -> dict[str, str]:
