@@ -94,9 +94,14 @@ def tree_cast_like(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
+def is_complex(x: Any) -> bool:
+    """Whether ``x`` (an array or an abstract one) holds complex numbers."""
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.complexfloating)
+
+
 def squared_magnitude(x: Array) -> Array:
     """``|x|**2`` elementwise: ``x * x`` for real ``x``, ``re**2 + im**2`` for complex."""
-    if jnp.iscomplexobj(x):
+    if is_complex(x):
         return jnp.square(x.real) + jnp.square(x.imag)
     return jnp.square(x)
 
@@ -118,7 +123,7 @@ def refuse_complex(params: Any, transformation: str) -> None:
     for real numbers, on a complex leaf they would return a wrong direction silently.
     """
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+        if is_complex(leaf):
             raise TypeError(
                 f"{transformation}: parameter {jax.tree_util.keystr(path) or 'params'} is "
                 f"{leaf.dtype}; its rule is written for real numbers. Wrap the optimizer in "

@@ -84,16 +84,22 @@ def check_non_negative_int(name: str, value: Any) -> None:
 
 
 def _check_int(name: str, value: Any, low: int, what: str, array_ok: bool) -> None:
-    if isinstance(value, jax.Array | np.ndarray) and not array_ok:
-        # Such an integer decides the program's structure (shapes, loops), which an array's
-        # value cannot: optax.inject_hyperparams turns every int into one unless told not to.
-        raise ValueError(
-            f"{name} must be a Python int, got {value!r}: it fixes the program's structure "
-            f"(shapes, loop counts), so with optax.inject_hyperparams name it in static_args"
+    if isinstance(value, jax.Array | np.ndarray):
+        if not array_ok:
+            # Such an integer decides the program's structure (shapes, loops), which an
+            # array's value cannot: optax.inject_hyperparams turns every int into one
+            # unless told not to.
+            raise ValueError(
+                f"{name} must be a Python int, got {value!r}: it fixes the program's "
+                f"structure (shapes, loop counts), so with optax.inject_hyperparams name it "
+                f"in static_args"
+            )
+        valid = (
+            np.issubdtype(value.dtype, np.integer)
+            and value.shape == ()
+            and (isinstance(value, jax.core.Tracer) or int(value) >= low)
         )
-    if isinstance(value, jax.Array | np.ndarray) and np.issubdtype(value.dtype, np.integer):
-        if value.shape == () and (isinstance(value, jax.core.Tracer) or int(value) >= low):
-            return
-    elif not isinstance(value, bool) and isinstance(value, int) and value >= low:
-        return
-    raise ValueError(f"{name} must be {what}, got {value!r}")
+    else:
+        valid = not isinstance(value, bool) and isinstance(value, int) and value >= low
+    if not valid:
+        raise ValueError(f"{name} must be {what}, got {value!r}")

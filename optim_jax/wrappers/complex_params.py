@@ -11,20 +11,20 @@ import optax
 from optim_jax import base
 
 
-def _is_complex(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.complexfloating)
-
-
 def _as_real(tree: Any) -> Any:
     """Each complex leaf as its real and imaginary parts, stacked on a new last axis."""
-    return jax.tree.map(lambda x: jnp.stack([x.real, x.imag], -1) if _is_complex(x) else x, tree)
+
+    def one(x: Any) -> Any:
+        return jnp.stack([x.real, x.imag], -1) if base.is_complex(x) else x
+
+    return jax.tree.map(one, tree)
 
 
 def _as_complex(tree: Any, like: Any) -> Any:
     """The inverse of :func:`_as_real`, for the leaves that are complex in ``like``."""
 
     def one(x: Any, template: Any) -> Any:
-        if not _is_complex(template):
+        if not base.is_complex(template):
             return x
         return jax.lax.complex(x[..., 0], x[..., 1]).astype(template.dtype)
 
