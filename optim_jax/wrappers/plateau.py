@@ -41,8 +41,13 @@ class PlateauState:
     resumed run uses the rule of its own configuration.
 
     Attributes:
-      scale: float32, the factor every update is multiplied by (1 at first).
-      best: float32, the best metric seen (+inf, or -inf in mode ``max``, at first).
+      scale: the factor every update is multiplied by (1 at first).
+      best: the best metric seen (+inf, or -inf in mode ``max``, at first).
+
+    ``scale`` and ``best`` are in JAX's default float dtype when ``init`` runs: float64
+    under ``jax_enable_x64`` (torch's numbers, which are Python floats, exactly),
+    float32 otherwise (a metric's changes below float32's resolution of it, a relative
+    2^-24, then go unseen).
       bad_evals: int32, observations since the last improvement (torch's
         ``num_bad_epochs``).
       cooldown_left: int32, observations still to ignore after a reduction.
@@ -103,7 +108,9 @@ def reduce_on_plateau(
     A NaN metric never improves. Placed as the last link of an optimizer's
     chain (after the learning rate), the scale multiplies the learning rate
     exactly as torch's scheduler multiplies a group's ``lr`` (with
-    ``lr = 1``, ``min_lr = min_scale``), on top of any schedule. Unlike
+    ``lr = 1``, ``min_lr = min_scale``), on top of any schedule. ``min_scale`` and
+    ``eps`` are in units of the scale, not of the learning rate: a torch recipe's
+    ``min_lr`` and ``eps`` at learning rate ``lr`` are ``min_lr / lr`` and ``eps / lr`` here. Unlike
     ``optax.contrib.reduce_on_plateau``, which reads the metric as an extra
     argument of every ``update`` and averages it over ``accumulation_size``
     calls, the metric here arrives only when the loop has one (an evaluation),
@@ -146,9 +153,11 @@ def reduce_on_plateau(
     def init_fn(params):
         del params
         worst = math.inf if mode == "min" else -math.inf
+        # float32 would lose improvements of a large metric smaller than 2^-24 of it.
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
         return PlateauState(
-            scale=jnp.ones([], jnp.float32),
-            best=jnp.asarray(worst, jnp.float32),
+            scale=jnp.ones([], dtype),
+            best=jnp.asarray(worst, dtype),
             bad_evals=base.init_count(),
             cooldown_left=base.init_count(),
             observations=base.init_count(),
@@ -173,7 +182,7 @@ def _improves(rule: PlateauRule, value: jax.Array, best: jax.Array) -> jax.Array
 
 def _observe_one(state: PlateauState, metric: jax.Array) -> PlateauState:
     rule = state.rule
-    value = jnp.asarray(metric, jnp.float32)
+    value = jnp.asarray(metric, state.best.dtype)
     improved = _improves(rule, value, state.best)
     best = jnp.where(improved, value, state.best)
     bad = jnp.where(improved, 0, state.bad_evals + 1)
@@ -216,7 +225,7 @@ def observe_plateau(opt_state: Any, metric: float | jax.Array) -> Any:
 
 
 def plateau_scale(opt_state: Any) -> jax.Array:
-    """The current scale of the first :class:`PlateauState` in ``opt_state`` (float32 scalar)."""
+    """The current scale of the first :class:`PlateauState` in ``opt_state`` (a scalar)."""
     found = base.find_states(opt_state, PlateauState)
     if not found:
         raise ValueError("the optimizer state holds no PlateauState (no reduce_on_plateau)")

@@ -7,6 +7,8 @@ What is proved here:
   with plateaus, exact repeats of the best value and a NaN -- gives, after every
   observation, our scale = torch's lr, and the same best value, bad-observation count and
   cooldown counter; over modes min/max, thresholds rel/abs, patience, cooldown, min_scale;
+* under ``jax_enable_x64`` the state is float64 and the scale is torch's lr exactly where
+  float32 could not tell the metrics apart (improvements of 2e-8 relative, 1e-9 absolute);
 * the update is the wrapped optimizer's times the scale, and ``update`` never changes the
   scale; ``observe_plateau`` finds the state nested inside other wrappers;
 * a state without ``reduce_on_plateau`` and bad hyperparameters are clear errors.
@@ -78,6 +80,41 @@ def test_matches_torch_reduce_lr_on_plateau(name, seed):
         reductions = max(reductions, round(np.log(want_lr) / np.log(kwargs["factor"])))
     # The sequences do trigger the rule (else the comparison proves little).
     assert reductions >= 2
+
+
+def torch_lr_after(metrics: list[float], **kwargs) -> float:
+    weight = torch.zeros(1, requires_grad=True)
+    torch_opt = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(torch_opt, **kwargs)
+    for value in metrics:
+        scheduler.step(value)
+    return torch_opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize(
+    "metrics, kwargs",
+    [
+        # A summed loss near 1e5 improving by 2e-3 a time: below float32's spacing there (8e-3).
+        (
+            [1e5 - 0.002 * i for i in range(20)],
+            dict(threshold=1e-3, threshold_mode="abs", patience=1),
+        ),
+        # Improvements of 1e-9 with threshold 0.
+        ([1.0 + 1e-9 * (50 - i) for i in range(20)], dict(threshold=0.0, patience=2)),
+        # Eight reductions: 0.1**8 in float64, not float32(0.1)**8.
+        ([1.0] * 40, dict(patience=2)),
+    ],
+    ids=["large_metric_abs", "tiny_improvements", "eight_reductions"],
+)  # fmt: skip
+def test_float64_under_x64(metrics, kwargs):
+    with jax.enable_x64(True):
+        tx = optim_jax.reduce_on_plateau(**kwargs)
+        state = tx.init({"w": jnp.zeros(1)})
+        assert state.scale.dtype == state.best.dtype == jnp.float64
+        observe = jax.jit(optim_jax.observe_plateau)
+        for value in metrics:
+            state = observe(state, value)
+        assert float(optim_jax.plateau_scale(state)) == torch_lr_after(metrics, **kwargs)
 
 
 def test_update_is_scaled_and_leaves_the_scale():
