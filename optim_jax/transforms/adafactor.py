@@ -172,6 +172,8 @@ def _precondition(
     """``(u, mean(u**2), new_row, new_col, new_v)`` with ``u = g / sqrt(v_hat)``; ``g`` is
     already in the compute dtype, with ``lead`` stacked axes (the mean is per tensor);
     ``store`` writes an unfactored statistic (:func:`quantization.writer`)."""
+    # Under jax_enable_x64 the decay is float64: it would promote a float32 statistic.
+    beta2, mix = beta2.astype(g.dtype), mix.astype(g.dtype)
     if v_row is not None:
         g_rows, g_cols = _apart(g, g)
         # mean(g**2) + eps1 is mean(g**2 + eps1); on CPU eps1 inside the mean would be a

@@ -219,15 +219,22 @@ def nested_params(dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_jitted_step_on_nested_pytree_keeps_structure_and_dtype(name, dtype):
-    tx = CASES[name].make(1e-3)
-    params = nested_params(dtype)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    state = jax.jit(tx.init)(params)
-    for _ in range(3):
-        updates, state = jax.jit(tx.update)(grads, state, params)
-        params = optax.apply_updates(params, updates)
+@pytest.mark.parametrize(
+    "dtype, x64", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.float32, True)]
+)
+def test_jitted_step_on_nested_pytree_keeps_structure_and_dtype(name, dtype, x64):
+    """Params and state keep their structure and dtypes (a ``lax.scan`` carry must), also
+    under ``jax_enable_x64``, where a float64 counter or constant could promote them."""
+    with jax.enable_x64(x64):
+        tx = CASES[name].make(1e-3)
+        params = nested_params(dtype)
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+        state = jax.jit(tx.init)(params)
+        state_types = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        for _ in range(3):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        assert jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state) == state_types
     assert jax.tree.structure(params) == jax.tree.structure(nested_params(dtype))
     for leaf in jax.tree.leaves(params):
         assert leaf.dtype == dtype
