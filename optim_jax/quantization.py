@@ -40,7 +40,8 @@ taken together when the last is shorter than a block (the attention kernels'
 ``[embed, heads, head_dim]`` blocks span heads x head_dim), so a block maximum
 is not paid for every short row; the last block of a row is shorter when the
 row length is not a multiple of ``block``. The codes keep the parameter's
-shape, and under ``jax.jit`` its sharding; the block maxima have the shape
+shape, and under ``jax.jit`` its sharding (on meshes with Auto or Explicit axes;
+the block maxima are sharded alike from ``init`` on); the block maxima have the shape
 ``shape[:-t] + (ceil(prod(shape[-t:]) / block),)`` for the ``t`` merged axes.
 Bytes per value: ``1 + 4 / block`` (1.016 for blocks of 256), so AdamW's two
 moments take 2.03 bytes per parameter instead of 8.
@@ -53,12 +54,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, PartitionSpec
 
 from optim_jax import base, flat
 
@@ -179,14 +181,52 @@ def _per_value(absmax: jax.Array, shape: tuple[int, ...], block: int) -> jax.Arr
     return spread.reshape(*rows, -1)[..., :row].reshape(shape)
 
 
+def _explicit_spec(x: jax.Array) -> PartitionSpec | None:
+    """``x``'s partition spec (one entry per dimension) when it lives on a mesh with
+    Explicit axes, where shardings are part of the types; None otherwise."""
+    sharding = jax.typeof(x).sharding
+    if AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ()):
+        return None
+    spec = tuple(sharding.spec)
+    return PartitionSpec(*spec, *(None,) * (x.ndim - len(spec)))
+
+
+def _auto_inside(
+    fn: Callable, out_specs: Callable[[PartitionSpec], Any], x: jax.Array, *rest: jax.Array
+) -> Any:
+    """``fn(x, *rest)``, with the mesh's Explicit axes made Auto inside when ``x`` has them.
+
+    Blocks may run over several sharded axes; on an Explicit mesh every reshape between the
+    tensor's and the blocks' layout would have to be given a sharding, and a gather from the
+    code book its output's. With Auto axes inside, XLA lays the blocks out as it does on an
+    Auto mesh (the block maxima gathered, each value's scale computed where the value lives),
+    and ``out_specs(spec of x)`` gives the results' types.
+    """
+    spec = _explicit_spec(x)
+    if spec is None:
+        return fn(x, *rest)
+    return jax.sharding.auto_axes(fn, out_sharding=out_specs(spec))(x, *rest)
+
+
 def quantize(x: jax.Array, block: int = 256, signed: bool = True) -> QuantizedArray:
-    """``x`` (any float dtype, at least 1-D) block-wise quantised to the dynamic code book."""
+    """``x`` (any float dtype, at least 1-D) block-wise quantised to the dynamic code book.
+
+    The codes are sharded like ``x``; on a mesh with Explicit axes the block maxima are
+    sharded like the axes of ``x`` that no block spans, and whole along the blocks.
+    """
     if x.ndim == 0:
         raise ValueError("quantize needs an array with at least one dimension")
-    x = x.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(_blocks(x, block)), axis=-1)
-    scale = _per_value(jnp.where(absmax > 0, absmax, 1.0), x.shape, block)
-    codes = nearest_code(x / scale, signed).astype(jnp.uint8)
+
+    def codes_and_absmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = x.astype(jnp.float32)
+        absmax = jnp.max(jnp.abs(_blocks(x, block)), axis=-1)
+        scale = _per_value(jnp.where(absmax > 0, absmax, 1.0), x.shape, block)
+        return nearest_code(x / scale, signed).astype(jnp.uint8), absmax
+
+    rows = len(_row_shape(x.shape, block)) - 1
+    codes, absmax = _auto_inside(
+        codes_and_absmax, lambda spec: (spec, PartitionSpec(*spec[:rows], None)), x
+    )
     return QuantizedArray(codes=codes, absmax=absmax, block=block, signed=signed)
 
 
@@ -231,9 +271,13 @@ def nearest_code(y: jax.Array, signed: bool) -> jax.Array:
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
-    """The float32 tensor ``q`` stands for."""
-    values = jnp.asarray(dynamic_code_book(q.signed))[q.codes]
-    return values * _per_value(q.absmax, q.shape, q.block)
+    """The float32 tensor ``q`` stands for, sharded like its codes."""
+
+    def values(codes: jax.Array, absmax: jax.Array) -> jax.Array:
+        decoded = jnp.asarray(dynamic_code_book(q.signed))[codes]
+        return decoded * _per_value(absmax, q.shape, q.block)
+
+    return _auto_inside(values, lambda spec: spec, q.codes, q.absmax)
 
 
 def _quantized(param: jax.Array, fmt: MomentFormat) -> bool:
@@ -251,14 +295,8 @@ def init(
     if not _quantized(param, fmt):
         dtype = jnp.float32 if fmt.dtype == "int8" else jnp.dtype(fmt.dtype)
         return base.zeros_like_param(param, dtype)
-    zero_code = int(np.argmin(np.abs(dynamic_code_book(signed))))
-    *rows, row = _row_shape(param.shape, fmt.block)
-    return QuantizedArray(
-        codes=base.full_like_param(param, zero_code, jnp.uint8),
-        absmax=jnp.zeros((*rows, math.ceil(row / fmt.block)), jnp.float32),
-        block=fmt.block,
-        signed=signed,
-    )
+    # Quantised zeros: the codes and block maxima come out sharded as every write's will.
+    return quantize(base.zeros_like_param(param, jnp.float32), fmt.block, signed)
 
 
 def tree_init(params: base.Params, moment_dtype: MomentDtype, *, signed: bool) -> base.Params:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optim_jax
@@ -290,11 +290,13 @@ def test_low_precision_moments_track_the_float32_run(name):
     [((256, 512), P("fsdp", "tensor")), ((256, 4, 32), P("fsdp", "tensor", None))],
     ids=["rows", "merged_rows"],  # blocks along the last axis / over heads x head_dim
 )
-def test_int8_moments_are_sharded_like_their_parameters(shape, spec):
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_int8_moments_are_sharded_like_their_parameters(shape, spec, axis_type):
     """The codes (the bulk of the state) keep the parameter's sharding, also when blocks run
-    over merged axes; the update comes out sharded like the parameter and equals the one
-    computed on one device."""
-    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    over merged axes, on meshes with Auto and with Explicit axes (where a gather from the
+    code book must be given its sharding); the block maxima keep theirs from init on; the
+    update comes out sharded like the parameter and equals the one computed on one device."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(axis_type,) * 2)
     sharding = NamedSharding(mesh, spec)
     values = jax.random.normal(jax.random.key(0), shape)
     params = {"w": jax.device_put(values, sharding)}
@@ -303,8 +305,11 @@ def test_int8_moments_are_sharded_like_their_parameters(shape, spec):
     with jax.set_mesh(mesh):
         state = jax.jit(tx.init)(params)
         assert state[0].mu["w"].codes.sharding.is_equivalent_to(sharding, len(shape))
+        absmax_sharding = state[0].nu["w"].absmax.sharding
         updates, state = jax.jit(tx.update)(grads, state, params)
     assert state[0].nu["w"].codes.sharding.is_equivalent_to(sharding, len(shape))
+    absmax = state[0].nu["w"].absmax
+    assert absmax.sharding.is_equivalent_to(absmax_sharding, absmax.ndim), absmax.sharding
     assert updates["w"].sharding.is_equivalent_to(sharding, len(shape))
     local = {"w": values}
     expected, _ = tx.update({"w": values * 0.5 + 0.1}, tx.init(local), local)
