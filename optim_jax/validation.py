@@ -17,7 +17,10 @@ import numpy as np
 
 
 def _is_number(value: Any) -> bool:
-    if callable(value):
+    # float() reads "1e-3" and True too: a string or a flag here is a mistake, not a number.
+    if callable(value) or isinstance(value, str | bytes | bool | np.bool_):
+        return False
+    if np.dtype(getattr(value, "dtype", np.float32)) == np.bool_:
         return False
     try:
         float(value)

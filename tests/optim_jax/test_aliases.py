@@ -200,6 +200,20 @@ def test_bad_hyperparameters_raise_naming_the_argument(make):
         make()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optim_jax.adamw("1e-3"),
+        lambda: optim_jax.sgd(learning_rate="0.1"),
+        lambda: optim_jax.adam(1e-3, b1="0.9"),
+        lambda: optim_jax.lion(True),
+    ],
+)
+def test_strings_and_flags_are_not_numbers(make):
+    with pytest.raises(TypeError, match=r"learning_rate|b1"):
+        make()
+
+
 def test_state_keeps_parameter_dtype_for_bfloat16():
     import jax.numpy as jnp
 
