@@ -18,9 +18,8 @@ import numpy as np
 
 def _is_number(value: Any) -> bool:
     # float() reads "1e-3" and True too: a string or a flag here is a mistake, not a number.
-    if callable(value) or isinstance(value, str | bytes | bool | np.bool_):
-        return False
-    if np.dtype(getattr(value, "dtype", np.float32)) == np.bool_:
+    is_flag = isinstance(value, bool) or getattr(value, "dtype", None) == np.bool_
+    if callable(value) or isinstance(value, str | bytes) or is_flag:
         return False
     try:
         float(value)
